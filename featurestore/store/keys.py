@@ -1,0 +1,77 @@
+"""Redis key names.
+
+A row of feature view V for an entity lives at
+
+    <project>:<V>:{<entity>}
+
+where <entity> is the entity's join-key values in the view's join-key order, joined by
+`|`: an int64 in decimal, a string as UTF-8 with `%`, `|`, `{` and `}` percent-escaped
+(so no two entities share a key and the braces stay balanced). The braces are a Redis
+Cluster hash tag: every view of one entity hashes to the same slot, so one entity's rows
+are read from one node.
+
+Bookkeeping lives under `<project>:__meta__:...` (watermarks, the run lock, layouts).
+
+    >>> row_key("recsys", "user_profile", entity_token([42]))
+    b'recsys:user_profile:{42}'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+__all__ = [
+    "entity_token",
+    "entity_tokens",
+    "lock_key",
+    "meta_key",
+    "row_key",
+    "row_keys",
+    "watermark_key",
+]
+
+_ESCAPES = str.maketrans({"%": "%25", "|": "%7C", "{": "%7B", "}": "%7D"})
+
+
+def _part(value: int | str) -> str:
+    if isinstance(value, bool):  # bool is an int; never a join key
+        raise TypeError(f"a join key is int64 or string, not bool ({value!r})")
+    if isinstance(value, int):
+        return str(value)
+    return value.translate(_ESCAPES)
+
+
+def entity_token(values: Sequence[int | str]) -> bytes:
+    """The <entity> part of a key, from one entity's join-key values in order."""
+    return "|".join(_part(v) for v in values).encode()
+
+
+def entity_tokens(columns: Sequence[Sequence[int | str]]) -> list[bytes]:
+    """Tokens for many entities, given one sequence per join key (columnar)."""
+    if len(columns) == 1:
+        col = columns[0]
+        if col and isinstance(col[0], int):
+            return [b"%d" % v for v in col]
+        return [_part(v).encode() for v in col]
+    return [entity_token(row) for row in zip(*columns, strict=True)]
+
+
+def row_key(project: str, view: str, token: bytes) -> bytes:
+    return b"%s:%s:{%s}" % (project.encode(), view.encode(), token)
+
+
+def row_keys(project: str, view: str, tokens: Iterable[bytes]) -> list[bytes]:
+    head = b"%s:%s:{" % (project.encode(), view.encode())
+    return [head + t + b"}" for t in tokens]
+
+
+def meta_key(project: str, *parts: str) -> bytes:
+    return ":".join((project, "__meta__", *parts)).encode()
+
+
+def watermark_key(project: str, view: str) -> bytes:
+    return meta_key(project, "watermark", view)
+
+
+def lock_key(project: str, name: str = "materialize") -> bytes:
+    return meta_key(project, "lock", name)

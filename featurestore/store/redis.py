@@ -1,0 +1,127 @@
+"""The online store's two operations on Redis: the one-round-trip read and the guarded write.
+
+Reads are one MGET for every key a request needs, whatever the number of views.
+Writes go through `GUARDED_SET`, a server-side script that compares event timestamps in
+the same round trip, so an older row never overwrites a newer one (a backfill can run at
+any time). Redis errors are translated here into `Unavailable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from featurestore.errors import Unavailable
+
+__all__ = ["GUARDED_SET", "WriteCounts", "connect", "guarded_write", "read_rows"]
+
+# KEYS: the row keys of one batch.
+# ARGV[1]: expiry after the event time in milliseconds (0: no expiry); ARGV[2 .. n+1]: the
+#   packed rows, one per key (bytes 8..15 of a row hold its int64 event time in
+#   microseconds, little-endian; see store/layout.py).
+# Each row is written (SET, with PXAT = event time + expiry) unless the stored row has a
+# newer event time; equal times overwrite, so a rerun is idempotent.
+# Returns {written, skipped_as_older}.
+GUARDED_SET = """
+local expiry_ms = tonumber(ARGV[1])
+local written, skipped = 0, 0
+for i, key in ipairs(KEYS) do
+  local row = ARGV[i + 1]
+  local new_ts = struct.unpack('<i8', string.sub(row, 9, 16))
+  local old = redis.call('GETRANGE', key, 8, 15)
+  if #old == 8 and struct.unpack('<i8', old) > new_ts then
+    skipped = skipped + 1
+  else
+    if expiry_ms > 0 then
+      redis.call('SET', key, row, 'PXAT', math.floor(new_ts / 1000) + expiry_ms)
+    else
+      redis.call('SET', key, row)
+    end
+    written = written + 1
+  end
+end
+return {written, skipped}
+"""
+
+
+def connect(url: str, *, timeout_s: float = 2.0, max_connections: int = 64) -> aioredis.Redis:
+    """An asyncio Redis client for `url` (redis://host:port/db) with bytes replies."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        max_connections=max_connections,
+        decode_responses=False,
+        health_check_interval=0,
+    )
+
+
+async def read_rows(client: aioredis.Redis, keys: Sequence[bytes]) -> list[bytes | None]:
+    """Fetch the rows at `keys` in one round trip; None where a key is absent."""
+    try:
+        return await client.mget(keys)  # type: ignore[no-any-return]
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise Unavailable(f"Redis is unreachable: {exc}") from exc
+    except RedisError as exc:
+        raise Unavailable(f"Redis failed the read: {exc}") from exc
+
+
+class WriteCounts:
+    __slots__ = ("skipped", "written")
+
+    def __init__(self, written: int = 0, skipped: int = 0) -> None:
+        self.written = written
+        self.skipped = skipped
+
+
+async def guarded_write(
+    client: aioredis.Redis,
+    batches: Sequence[tuple[Sequence[bytes], Sequence[bytes]]],
+    expiry_ms: int,
+    sha: list[str],
+) -> WriteCounts:
+    """Write batches of (keys, rows) with `GUARDED_SET`, all in one pipelined round trip.
+
+    `sha` is a one-element cache of the script's SHA1 (loaded on first use and again
+    after a NOSCRIPT, e.g. when Redis restarted). Returns the summed counts once Redis
+    has acknowledged every batch.
+    """
+    if not sha:
+        sha.append(await _load(client))
+    try:
+        replies = await _run(client, batches, expiry_ms, sha[0])
+    except NoScriptError:
+        sha[0] = await _load(client)
+        replies = await _run(client, batches, expiry_ms, sha[0])
+    counts = WriteCounts()
+    for written, skipped in replies:
+        counts.written += int(written)
+        counts.skipped += int(skipped)
+    return counts
+
+
+async def _load(client: aioredis.Redis) -> str:
+    try:
+        return str(await client.script_load(GUARDED_SET))
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise Unavailable(f"Redis is unreachable: {exc}") from exc
+
+
+async def _run(client: aioredis.Redis, batches: Sequence[tuple[Sequence[bytes], Sequence[bytes]]],
+               expiry_ms: int, sha: str) -> list[Any]:  # fmt: skip
+    pipe = client.pipeline(transaction=False)
+    for keys, rows in batches:
+        pipe.evalsha(sha, len(keys), *keys, expiry_ms, *rows)
+    try:
+        return await pipe.execute(raise_on_error=True)  # type: ignore[no-any-return]
+    except NoScriptError:
+        raise
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        raise Unavailable(f"Redis is unreachable: {exc}") from exc
+    except RedisError as exc:
+        raise Unavailable(f"Redis failed the write: {exc}") from exc

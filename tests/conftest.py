@@ -1,0 +1,82 @@
+"""Real Redis and PostgreSQL for the tests, on free loopback ports.
+
+Each server is started once per session from the embedded wheels (see
+featurestore/embedded.py), or taken from the environment instead:
+
+    FEATURESTORE_TEST_REDIS_URL=redis://127.0.0.1:6379/15
+    FEATURESTORE_TEST_PG_DSN=postgresql://postgres@127.0.0.1:5432/postgres
+
+`feature_repo` is a copy of the project's Feast repo, applied against the test
+PostgreSQL, so tests never touch the developer's own registry.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import redis.asyncio as aioredis
+
+from featurestore.embedded import EmbeddedPostgres, EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("FEATURESTORE_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    dsn = os.environ.get("FEATURESTORE_TEST_PG_DSN")
+    if dsn:
+        yield dsn
+        return
+    with EmbeddedPostgres(tmp_path_factory.mktemp("pg")) as server:
+        yield server.dsn  # type: ignore[attr-defined]
+
+
+def pg_env(dsn: str, feast_redis: str = "127.0.0.1:6379") -> dict[str, str]:
+    """The environment feature_repo/feature_store.yaml reads, for a DSN."""
+    parts = urlsplit(dsn)
+    return {
+        "FEATURESTORE_PG_HOST": parts.hostname or "127.0.0.1",
+        "FEATURESTORE_PG_PORT": str(parts.port or 5432),
+        "FEATURESTORE_PG_DB": parts.path.lstrip("/") or "postgres",
+        "FEATURESTORE_PG_USER": parts.username or "postgres",
+        "FEATURESTORE_PG_PASSWORD": parts.password or "",
+        "FEATURESTORE_FEAST_REDIS": feast_redis,
+    }
+
+
+@pytest.fixture(scope="session")
+def feature_repo(tmp_path_factory: pytest.TempPathFactory, pg_dsn: str) -> Path:
+    """A copy of feature_repo/ with `feast apply` run in it; its registry is fresh."""
+    repo = tmp_path_factory.mktemp("repo") / "feature_repo"
+    shutil.copytree(ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    os.environ.update(pg_env(pg_dsn))
+    feast = Path(sys.executable).parent / "feast"
+    subprocess.run([str(feast), "apply"], cwd=repo, check=True, capture_output=True)
+    return repo
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client on a flushed database; flushed again afterwards."""
+    client = aioredis.Redis.from_url(redis_url)
+    await client.flushdb()
+    yield client
+    await client.flushdb()
+    await client.aclose()
