@@ -211,7 +211,11 @@ class EmbeddedPostgres(_Server):
             cmd += ["-c", f"{key}={value}"]
         log = open(self.data_dir / "postgres.log", "ab")  # noqa: SIM115 - owned by the child
         self._proc = subprocess.Popen(
-            cmd, stdout=log, stderr=log, cwd="/", **self._run_as_owner()  # type: ignore[call-overload]
+            cmd,
+            stdout=log,
+            stderr=log,
+            cwd="/",
+            **self._run_as_owner(),  # type: ignore[call-overload]
         )
         log.close()
         assert self._proc is not None

@@ -143,8 +143,8 @@ def load_registry(repo: Path) -> Registry:
     config = _read_repo_config(repo)
     project = str(config["project"])
     section = config.get("registry", "data/registry.db")
-    reg_config = RegistryConfig(**section) if isinstance(section, dict) else RegistryConfig(
-        path=section
+    reg_config = (
+        RegistryConfig(**section) if isinstance(section, dict) else RegistryConfig(path=section)
     )
     if reg_config.registry_type == "file" and "://" not in reg_config.path:
         path = Path(reg_config.path)

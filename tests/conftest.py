@@ -65,7 +65,9 @@ def pg_env(dsn: str, feast_redis: str = "127.0.0.1:6379") -> dict[str, str]:
 def feature_repo(tmp_path_factory: pytest.TempPathFactory, pg_dsn: str) -> Path:
     """A copy of feature_repo/ with `feast apply` run in it; its registry is fresh."""
     repo = tmp_path_factory.mktemp("repo") / "feature_repo"
-    shutil.copytree(ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    shutil.copytree(
+        ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("data", "__pycache__")
+    )
     os.environ.update(pg_env(pg_dsn))
     feast = Path(sys.executable).parent / "feast"
     subprocess.run([str(feast), "apply"], cwd=repo, check=True, capture_output=True)

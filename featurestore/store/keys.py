@@ -19,6 +19,7 @@ Bookkeeping lives under `<project>:__meta__:...` (watermarks, the run lock, layo
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 __all__ = [
     "entity_token",
@@ -51,7 +52,7 @@ def entity_tokens(columns: Sequence[Sequence[int | str]]) -> list[bytes]:
     if len(columns) == 1:
         col = columns[0]
         if col and isinstance(col[0], int):
-            return [b"%d" % v for v in col]
+            return [b"%d" % v for v in cast("Sequence[int]", col)]
         return [_part(v).encode() for v in col]
     return [entity_token(row) for row in zip(*columns, strict=True)]
 

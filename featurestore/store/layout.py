@@ -56,8 +56,10 @@ __all__ = [
 
 FORMAT_VERSION = 1
 HEADER_SIZE = 16
-_HEADER = np.dtype([("version", "u1"), ("flags", "u1"), ("reserved", "<u2"),
-                    ("schema_id", "<u4"), ("event_ts_us", "<i8")])  # fmt: skip
+_HEADER_FIELDS: list[tuple[str, Any]] = [
+    ("version", "u1"), ("flags", "u1"), ("reserved", "<u2"),
+    ("schema_id", "<u4"), ("event_ts_us", "<i8"),
+]  # fmt: skip
 
 
 class DType(enum.Enum):
@@ -177,7 +179,7 @@ class Layout:
             raise InvalidArgument(f"view {self.view!r} names a feature twice: {names}")
         signature = f"v{FORMAT_VERSION}|" + ";".join(f.signature for f in self.features)
         object.__setattr__(self, "schema_id", zlib.crc32(signature.encode()))
-        fields: list[tuple[str, Any]] = [(n, _HEADER.fields[n][0]) for n in _HEADER.names or ()]
+        fields = list(_HEADER_FIELDS)
         fields.append(("__nulls", ("u1", (self.bitmap_size,))))
         for f in self.features:
             if f.fixed:
@@ -311,7 +313,8 @@ def _ranges(starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64], total
     """Concatenated arange(starts[i], starts[i] + lengths[i]) for all i, vectorised."""
     ends = np.cumsum(lengths)
     index = np.arange(total, dtype=np.int64)
-    return index + np.repeat(starts - (ends - lengths), lengths)
+    result: npt.NDArray[np.int64] = index + np.repeat(starts - (ends - lengths), lengths)
+    return result
 
 
 def decode_rows(layout: Layout, values: Sequence[bytes | None]) -> DecodedRows:

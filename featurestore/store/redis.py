@@ -118,7 +118,7 @@ async def _run(client: aioredis.Redis, batches: Sequence[tuple[Sequence[bytes], 
     for keys, rows in batches:
         pipe.evalsha(sha, len(keys), *keys, expiry_ms, *rows)
     try:
-        return await pipe.execute(raise_on_error=True)  # type: ignore[no-any-return]
+        return await pipe.execute(raise_on_error=True)
     except NoScriptError:
         raise
     except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
