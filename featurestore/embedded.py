@@ -24,6 +24,7 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from featurestore.errors import ConfigError
 
@@ -55,7 +56,7 @@ class _Server:
     port: int
     _proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> _Server:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

@@ -35,7 +35,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
         return
     with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
-        yield server.url  # type: ignore[attr-defined]
+        yield server.url
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +45,7 @@ def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield dsn
         return
     with EmbeddedPostgres(tmp_path_factory.mktemp("pg")) as server:
-        yield server.dsn  # type: ignore[attr-defined]
+        yield server.dsn
 
 
 def pg_env(dsn: str, feast_redis: str = "127.0.0.1:6379") -> dict[str, str]:
