@@ -243,7 +243,7 @@ class EmbeddingIndex:
             self.kind not in ("ivf", "hnsw")
             or self.gpu is not None
             or self.config.kind_for(n_live) != self.kind
-            or dead > self.config.max_tombstone_fraction * (live.shape[0] + n_live)
+            or dead > self.config.max_tombstone_fraction * (live.shape[0] + upsert_ids.shape[0])
         ):
             ids = np.concatenate([self.label_ids[live], upsert_ids])
             vectors = np.concatenate([self.vectors[live], upsert_vectors])
@@ -303,7 +303,8 @@ class EmbeddingIndex:
                 dist, labels = drop_where(dist, labels, np.isin(labels, exclude), k)
             return self._to_result(dist, labels)
         selector, keep_alive = self._selector(allow, exclude)
-        params = search_params(self.kind, selector, k, self.config)
+        nlist = int(self.cpu.nlist) if self.kind == "ivf" else 0
+        params = search_params(self.kind, selector, k, self.config, nlist)
         dist, labels = self.cpu.search(queries, k, params=params)
         del keep_alive  # only now may the selector parts be freed
         return self._to_result(dist, labels)

@@ -62,7 +62,9 @@ class IndexConfig:
         exact_max: below this many vectors the index is exact (flat).
         approximate: the index at and above `exact_max`: "hnsw" or "ivf".
         ivf_nlist: IVF lists; 0 means 4 * sqrt(n), at least 16.
-        ivf_nprobe: lists visited per IVF search.
+        ivf_nprobe: lists visited per IVF search; 0 means nlist / 16 within [16, 256],
+            so recall holds as n (and with it nlist) grows: a fixed nprobe of 16 already
+            falls to ~0.93 recall@10 at 20k clustered vectors.
         ivf_train_max: at most this many real vectors (a random sample) train IVF.
         hnsw_m: HNSW graph degree.
         hnsw_ef_construction, hnsw_ef_search: HNSW build and search beam widths
@@ -83,7 +85,7 @@ class IndexConfig:
     exact_max: int = 50_000
     approximate: Literal["hnsw", "ivf"] = "hnsw"
     ivf_nlist: int = 0
-    ivf_nprobe: int = 16
+    ivf_nprobe: int = 0
     ivf_train_max: int = 100_000
     hnsw_m: int = 32
     hnsw_ef_construction: int = 80
@@ -102,7 +104,6 @@ class IndexConfig:
     def __post_init__(self) -> None:
         positive = (
             "exact_max",
-            "ivf_nprobe",
             "ivf_train_max",
             "hnsw_m",
             "hnsw_ef_construction",
@@ -127,8 +128,8 @@ class IndexConfig:
                 "IndexConfig.max_tombstone_fraction must be in (0, 1), "
                 f"got {self.max_tombstone_fraction}"
             )
-        if self.ivf_nlist < 0 or self.exact_subset_max < 0:
-            raise ConfigError("IndexConfig.ivf_nlist and exact_subset_max must be >= 0")
+        if min(self.ivf_nlist, self.ivf_nprobe, self.exact_subset_max) < 0:
+            raise ConfigError("IndexConfig.ivf_nlist, ivf_nprobe, exact_subset_max must be >= 0")
 
     def kind_for(self, n: int) -> IndexKind:
         """The CPU index kind for `n` vectors (before any GPU placement)."""
@@ -138,6 +139,10 @@ class IndexConfig:
         """IVF lists for `n` vectors: the configured number, else ~4 * sqrt(n)."""
         nlist = self.ivf_nlist or max(16, int(4 * math.sqrt(n)))
         return min(nlist, max(1, n // 39))  # FAISS wants >= 39 training points per list
+
+    def nprobe_for(self, nlist: int) -> int:
+        """IVF lists probed per search for an index of `nlist` lists."""
+        return min(nlist, self.ivf_nprobe or max(16, min(256, nlist // 16)))
 
     def wants_gpu(self) -> bool:
         """True when the index should be placed on a GPU; raises if "gpu" and none."""
@@ -202,7 +207,7 @@ def build_faiss_index(
         take = min(n, config.ivf_train_max)
         sample = vectors if take == n else vectors[np.sort(rng.choice(n, take, replace=False))]
         index.train(sample)
-        index.nprobe = config.ivf_nprobe
+        index.nprobe = config.nprobe_for(index.nlist)
     if n:
         if kind == "ivf":
             index.add_with_ids(vectors, np.arange(n, dtype=np.int64))
@@ -211,14 +216,14 @@ def build_faiss_index(
     return index
 
 
-def search_params(kind: str, sel: Any, k: int, config: IndexConfig) -> Any:
+def search_params(kind: str, sel: Any, k: int, config: IndexConfig, nlist: int = 0) -> Any:
     """Per-call FAISS search parameters: the selector and the kind's beam/probe width.
 
     Passed per call rather than set on the index, so one index is safely shared by
     concurrent searches and builds.
     """
     if kind == "ivf":
-        return faiss.SearchParametersIVF(sel=sel, nprobe=config.ivf_nprobe)
+        return faiss.SearchParametersIVF(sel=sel, nprobe=config.nprobe_for(nlist))
     if kind == "hnsw":
         return faiss.SearchParametersHNSW(sel=sel, efSearch=max(config.hnsw_ef_search, k))
     return faiss.SearchParameters(sel=sel)
