@@ -50,13 +50,26 @@ _VOCABULARIES = {
     "gender": ["female", "male", "other", "unknown"],
     "country": ["US", "DE", "FR", "GB", "IN", "BR", "JP", "ES", "IT", "NL", "PL", "CA"],
     "language": ["en", "de", "fr", "es", "pt", "ja", "it", "nl", "pl", "hi"],
-    "category": ["books", "electronics", "fashion", "home", "sports", "toys", "beauty",
-                 "grocery", "garden", "music", "movies", "games"],  # fmt: skip
+    "category": [
+        "books",
+        "electronics",
+        "fashion",
+        "home",
+        "sports",
+        "toys",
+        "beauty",
+        "grocery",
+        "garden",
+        "music",
+        "movies",
+        "games",
+    ],
     "brand": [f"brand_{i:02d}" for i in range(40)],
     "device": ["ios", "android", "web", "tv", "tablet"],
 }
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _DAY_US = 86_400_000_000
+_HOUR_US = 3_600_000_000
 _CLUSTERS = 256
 
 
@@ -205,13 +218,16 @@ def _time_columns(
     recent = min(ttl_us, 3 * _DAY_US)
     newest_age = (rng.random(entities) * 0.9 * recent).astype(np.int64)
     stale = rng.random(entities) < options.stale_fraction
-    newest_age[stale] = ttl_us + (rng.random(int(stale.sum())) * _DAY_US).astype(np.int64)
-    gaps = rng.integers(3_600_000_000, _DAY_US, size=(entities, options.versions))
+    # At least an hour past the TTL: runs started within that hour agree on which rows
+    # lie inside their TTL horizon (tests compare runs made seconds apart).
+    stale_age = ttl_us + _HOUR_US + (rng.random(int(stale.sum())) * _DAY_US).astype(np.int64)
+    newest_age[stale] = stale_age
+    gaps = rng.integers(_HOUR_US, _DAY_US, size=(entities, options.versions))
     gaps[:, 0] = 0
     gaps[rng.random(entities) < 0.02, min(1, options.versions - 1)] = 0
     event = now_us - newest_age[:, None] - np.cumsum(gaps, axis=1)
     created = event + rng.integers(1_000_000, 600_000_000, size=event.shape)
-    created[:, 1:] -= np.where(gaps[:, 1:] == 0, 3_600_000_000, 0)
+    created[:, 1:] -= np.where(gaps[:, 1:] == 0, _HOUR_US, 0)
     if not view.created_field:
         return [_datetimes(event.ravel())]
     return [_datetimes(event.ravel()), _datetimes(created.ravel())]
@@ -252,13 +268,15 @@ def _feature_values(
     if spec.dtype is DType.BYTES:
         return [rng.bytes(int(k)) for k in rng.integers(0, 32, n)]
     if spec.dtype is DType.BOOL:
-        return (rng.random(n) < 0.3).tolist()
+        flags: list[Any] = (rng.random(n) < 0.3).tolist()
+        return flags
     if spec.dtype is DType.UNIX_TIMESTAMP:
         return _datetimes(int(time.time() * 1e6) - rng.integers(0, 30 * _DAY_US, n))
     values = _numbers(name, n, rng)
     if spec.dtype in (DType.INT32, DType.INT64):
-        return np.maximum(values, 0).astype(np.int64).tolist()
-    return values.astype(spec.dtype.element).tolist()  # type: ignore[arg-type]
+        values = np.maximum(values, 0).astype(np.int64)
+    out: list[Any] = values.astype(spec.dtype.element).tolist()
+    return out
 
 
 def _numbers(name: str, n: int, rng: np.random.Generator) -> npt.NDArray[np.float64]:
@@ -288,7 +306,8 @@ def _list_values(
         noise = rng.standard_normal(picks.shape).astype(np.float32) * 0.1
         vectors = picks + noise
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        return vectors.tolist()  # type: ignore[no-any-return]
+        out: list[Any] = vectors.tolist()
+        return out
     lengths = rng.integers(1, 8, n) if not spec.length else np.full(n, spec.length)
     return [rng.integers(0, 1000, int(k)).tolist() for k in lengths]
 
