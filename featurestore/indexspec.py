@@ -65,7 +65,8 @@ class IndexConfig:
         ivf_nprobe: lists visited per IVF search; 0 means nlist / 16 within [16, 256],
             so recall holds as n (and with it nlist) grows: a fixed nprobe of 16 already
             falls to ~0.93 recall@10 at 20k clustered vectors.
-        ivf_train_max: at most this many real vectors (a random sample) train IVF.
+        ivf_train_max: at most this many real vectors (a random sample) train IVF, or
+            40 per list when that is more (FAISS's minimum for stable centroids).
         hnsw_m: HNSW graph degree.
         hnsw_ef_construction, hnsw_ef_search: HNSW build and search beam widths
             (a search uses max(ef_search, k)).
@@ -204,7 +205,8 @@ def build_faiss_index(
         index.own_fields = True
         quantizer.this.disown()  # the IVF index frees it
         rng = np.random.default_rng(seed)
-        take = min(n, config.ivf_train_max)
+        nlist = int(index.nlist)  # FAISS warns below 39 training points per list
+        take = min(n, max(config.ivf_train_max, 40 * nlist))
         sample = vectors if take == n else vectors[np.sort(rng.choice(n, take, replace=False))]
         index.train(sample)
         index.nprobe = config.nprobe_for(index.nlist)
