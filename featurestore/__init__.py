@@ -1,5 +1,6 @@
 """A low-latency online feature store: Feast definitions, Redis rows, gRPC lookups."""
 
+from featurestore.client import AsyncClient, Client, OnlineFeatures
 from featurestore.errors import (
     ConfigError,
     DeadlineExceeded,
@@ -13,12 +14,15 @@ from featurestore.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncClient",
+    "Client",
     "ConfigError",
     "DeadlineExceeded",
     "FeatureStoreError",
     "InvalidArgument",
     "LockHeld",
     "NotFound",
+    "OnlineFeatures",
     "Unavailable",
     "__version__",
 ]

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -44,8 +45,15 @@ def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if dsn:
         yield dsn
         return
-    with EmbeddedPostgres(tmp_path_factory.mktemp("pg")) as server:
-        yield server.dsn
+    # As root, PostgreSQL runs as an unprivileged user, which cannot enter pytest's
+    # temporary folders (private to root): give it a folder it can reach.
+    data_dir = Path(tempfile.mkdtemp(prefix="featurestore-pg-"))
+    data_dir.chmod(0o755)
+    try:
+        with EmbeddedPostgres(data_dir / "pg") as server:
+            yield server.dsn
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def pg_env(dsn: str, feast_redis: str = "127.0.0.1:6379") -> dict[str, str]:

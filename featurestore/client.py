@@ -1,0 +1,300 @@
+"""The Python client: `Client` (blocking) and `AsyncClient` (asyncio).
+
+    with Client("127.0.0.1:50051") as client:
+        result = client.get_online_features(
+            entities={"user_id": [1, 2, 3]}, features=["user_profile:age", "user_activity"]
+        )
+        result.values("age")              # numpy int64 array, one value per entity row
+        result.statuses("user_profile:age")  # uint8 FieldStatus per row (1 = PRESENT)
+
+Every fixed-width column becomes an array with one `numpy.frombuffer` (no per-value
+work); strings and bytes become numpy object arrays. gRPC errors are raised as this
+package's errors (NotFound, InvalidArgument, Unavailable, ...), chained to the RpcError.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from grpc import aio
+
+from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
+from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
+from featurestore.errors import (
+    ConfigError,
+    DeadlineExceeded,
+    FeatureStoreError,
+    InvalidArgument,
+    LockHeld,
+    NotFound,
+    Unavailable,
+)
+
+__all__ = ["AsyncClient", "Client", "OnlineFeatures"]
+
+_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+_OPTIONS = [
+    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+]
+_VT = pb.ValueType
+_FIXED: dict[int, np.dtype[Any]] = {
+    _VT.VALUE_TYPE_INT32: np.dtype("<i4"), _VT.VALUE_TYPE_INT64: np.dtype("<i8"),
+    _VT.VALUE_TYPE_FLOAT32: np.dtype("<f4"), _VT.VALUE_TYPE_FLOAT64: np.dtype("<f8"),
+    _VT.VALUE_TYPE_BOOL: np.dtype("?"), _VT.VALUE_TYPE_UNIX_TIMESTAMP: np.dtype("<i8"),
+    _VT.VALUE_TYPE_INT32_LIST: np.dtype("<i4"), _VT.VALUE_TYPE_INT64_LIST: np.dtype("<i8"),
+    _VT.VALUE_TYPE_FLOAT32_LIST: np.dtype("<f4"), _VT.VALUE_TYPE_FLOAT64_LIST: np.dtype("<f8"),
+}  # fmt: skip
+_LISTS = {_VT.VALUE_TYPE_INT32_LIST, _VT.VALUE_TYPE_INT64_LIST, _VT.VALUE_TYPE_FLOAT32_LIST,
+          _VT.VALUE_TYPE_FLOAT64_LIST}  # fmt: skip
+_ERRORS: dict[grpc.StatusCode, type[FeatureStoreError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.FAILED_PRECONDITION: ConfigError,
+    grpc.StatusCode.ABORTED: LockHeld,
+}
+
+
+class OnlineFeatures:
+    """The result of one lookup: a numpy array and a status array per feature.
+
+    Columns are found by their name in the response (`names`), or as "view:feature".
+    Values of rows whose status is not PRESENT (1) are zeros or empty.
+    """
+
+    __slots__ = ("_by_name", "_ts", "_values", "names", "rows", "views")
+
+    def __init__(self, response: pb.GetOnlineFeaturesResponse) -> None:
+        self.rows = n = response.row_count
+        self.views = tuple(v.view for v in response.views)
+        self._ts = {
+            v.view: np.frombuffer(v.event_timestamps_us, dtype="<i8") for v in response.views
+        }
+        self._values: list[tuple[npt.NDArray[Any], npt.NDArray[np.uint8]]] = []
+        self._by_name: dict[str, int] = {}
+        names = []
+        for i, col in enumerate(response.columns):
+            names.append(col.name)
+            self._values.append((_column(col, n), np.frombuffer(col.statuses, dtype=np.uint8)))
+            self._by_name[col.name] = i
+            feature = col.name.split("__", 1)[-1] if "__" in col.name else col.name
+            self._by_name.setdefault(f"{self.views[col.view]}:{feature}", i)
+        self.names = tuple(names)
+
+    def values(self, name: str) -> npt.NDArray[Any]:
+        """The values of feature `name`: (rows,) or (rows, length) for fixed-length lists."""
+        return self._values[self._index(name)][0]
+
+    def statuses(self, name: str) -> npt.NDArray[np.uint8]:
+        """Feast FieldStatus per row: 1 PRESENT, 2 NULL_VALUE, 3 NOT_FOUND, 4 OUTSIDE_MAX_AGE."""
+        return self._values[self._index(name)][1]
+
+    def event_timestamps(self, view: str) -> npt.NDArray[np.int64]:
+        """Event time of each row of `view`, int64 microseconds since the epoch (0: none)."""
+        return self._ts[view]
+
+    def to_dict(self) -> dict[str, npt.NDArray[Any]]:
+        """Column name -> values."""
+        return {name: v for name, (v, _) in zip(self.names, self._values, strict=True)}
+
+    def __getitem__(self, name: str) -> npt.NDArray[Any]:
+        return self.values(name)
+
+    def _index(self, name: str) -> int:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"no feature {name!r} in this result; it has {self.names}") from None
+
+
+def _column(col: pb.FeatureColumn, n: int) -> npt.NDArray[Any]:
+    dtype = _FIXED.get(col.value_type)
+    if dtype is not None and (col.length or col.value_type not in _LISTS):
+        values = np.frombuffer(col.values, dtype=dtype)
+        return values.reshape(n, col.length) if col.length else values
+    offsets = np.frombuffer(col.offsets, dtype="<i4").tolist()
+    data = col.values
+    out = np.empty(n, dtype=object)
+    if col.value_type == _VT.VALUE_TYPE_STRING:
+        if data.isascii():  # byte offsets are character offsets: slice one str
+            text = data.decode("ascii")
+            out[:] = [text[a:b] for a, b in itertools.pairwise(offsets)]
+        else:
+            out[:] = [data[a:b].decode() for a, b in itertools.pairwise(offsets)]
+    elif col.value_type == _VT.VALUE_TYPE_BYTES:
+        out[:] = [data[a:b] for a, b in itertools.pairwise(offsets)]
+    else:
+        assert dtype is not None
+        flat = np.frombuffer(data, dtype=dtype)
+        size = dtype.itemsize
+        for i, (a, b) in enumerate(itertools.pairwise(offsets)):
+            out[i] = flat[a // size : b // size]
+    return out
+
+
+def _request(entities: Mapping[str, Any], features: Sequence[str] | str,
+             full_feature_names: bool) -> pb.GetOnlineFeaturesRequest:  # fmt: skip
+    columns = []
+    for name, values in entities.items():
+        if isinstance(values, np.ndarray):
+            kind, values = values.dtype.kind, values.tolist()
+        else:
+            values = list(values)
+            kind = "U" if values and isinstance(values[0], str) else "i"
+        if kind in "iu":
+            columns.append(pb.EntityColumn(name=name, int64_values=values))
+        else:
+            columns.append(pb.EntityColumn(name=name, string_values=values))
+    refs = [features] if isinstance(features, str) else list(features)
+    return pb.GetOnlineFeaturesRequest(entities=columns, features=refs,
+                                       full_feature_names=full_feature_names)  # fmt: skip
+
+
+def _error(exc: grpc.RpcError) -> FeatureStoreError:
+    code, details = exc.code(), exc.details()
+    return _ERRORS.get(code, FeatureStoreError)(f"{code.name}: {details}")
+
+
+class Client:
+    """A blocking client of the feature server at `target` ("host:port").
+
+    Parameters:
+        target: the server address.
+        timeout_s: default deadline of each call, float seconds (None: no deadline).
+        credentials: TLS channel credentials; None for plaintext.
+    """
+
+    def __init__(self, target: str, *, timeout_s: float | None = 5.0,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:  # fmt: skip
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=_OPTIONS)
+        self._stub = pb_grpc.FeatureStoreStub(self._channel)
+        self._timeout_s = timeout_s
+
+    def get_online_features(
+        self,
+        entities: Mapping[str, Sequence[int] | Sequence[str] | npt.NDArray[Any]],
+        features: Sequence[str] | str,
+        *,
+        full_feature_names: bool = False,
+        timeout_s: float | None = None,
+    ) -> OnlineFeatures:
+        """Features for a batch of entity rows.
+
+        Parameters:
+            entities: one column per join key, e.g. {"user_id": [1, 2]} (ints or strs).
+            features: "view:feature", "view" or feature service names.
+            full_feature_names: name columns "view__feature".
+            timeout_s: this call's deadline (default: the client's).
+
+        >>> client.get_online_features({"user_id": [1]}, ["user_profile:age"]).values("age")
+        ... # doctest: +SKIP
+        """
+        request = _request(entities, features, full_feature_names)
+        try:
+            response = self._stub.GetOnlineFeatures(request, timeout=timeout_s or self._timeout_s)
+        except grpc.RpcError as exc:
+            raise _error(exc) from exc
+        return OnlineFeatures(response)
+
+    def wait_until_serving(self, timeout_s: float = 30.0) -> None:
+        """Block until the server's health check answers SERVING; Unavailable on timeout."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise Unavailable(f"the feature server was not SERVING within {timeout_s} s")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:  # fmt: skip
+        self.close()
+
+
+class AsyncClient:
+    """The asyncio client; the same calls as `Client`, awaited.
+
+    async with AsyncClient("127.0.0.1:50051") as client:
+        result = await client.get_online_features({"user_id": [1]}, ["user_profile"])
+    """
+
+    def __init__(self, target: str, *, timeout_s: float | None = 5.0,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:  # fmt: skip
+        if credentials is None:
+            self._channel = aio.insecure_channel(target, options=_OPTIONS)
+        else:
+            self._channel = aio.secure_channel(target, credentials, options=_OPTIONS)
+        self._stub = pb_grpc.FeatureStoreStub(self._channel)
+        self._timeout_s = timeout_s
+
+    async def get_online_features(
+        self,
+        entities: Mapping[str, Sequence[int] | Sequence[str] | npt.NDArray[Any]],
+        features: Sequence[str] | str,
+        *,
+        full_feature_names: bool = False,
+        timeout_s: float | None = None,
+    ) -> OnlineFeatures:
+        """Features for a batch of entity rows; see `Client.get_online_features`."""
+        request = _request(entities, features, full_feature_names)
+        try:
+            response = await self._stub.GetOnlineFeatures(
+                request, timeout=timeout_s or self._timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise _error(exc) from exc
+        return OnlineFeatures(response)
+
+    async def wait_until_serving(self, timeout_s: float = 30.0) -> None:
+        """Wait until the server's health check answers SERVING; Unavailable on timeout."""
+        import asyncio
+
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise Unavailable(f"the feature server was not SERVING within {timeout_s} s")
+            await asyncio.sleep(0.1)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:  # fmt: skip
+        await self.close()

@@ -1,0 +1,53 @@
+"""Every Prometheus metric of the service, defined in one place.
+
+    featurestore_request_seconds{method}        histogram of whole-call latency
+    featurestore_stage_seconds{stage}           histogram per stage: plan, redis, decode,
+                                                response (proto building)
+    featurestore_requests_total{method, code}   calls by gRPC status code
+
+Label children are bound once at import: `labels()` on the hot path costs a dict lookup
+and a lock each call.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+__all__ = [
+    "REQUESTS",
+    "REQUEST_SECONDS",
+    "STAGE_DECODE",
+    "STAGE_PLAN",
+    "STAGE_REDIS",
+    "STAGE_RESPONSE",
+    "serve_metrics",
+]
+
+# Sub-millisecond resolution: the whole call budget is a few milliseconds.
+_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075,
+    0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
+
+REQUEST_SECONDS = Histogram(
+    "featurestore_request_seconds", "Latency of gRPC calls, in seconds.", ["method"],
+    buckets=_BUCKETS,
+)  # fmt: skip
+STAGE_SECONDS = Histogram(
+    "featurestore_stage_seconds", "Time spent per lookup stage, in seconds.", ["stage"],
+    buckets=_BUCKETS,
+)  # fmt: skip
+REQUESTS = Counter(
+    "featurestore_requests", "gRPC calls by method and status code.", ["method", "code"]
+)
+
+STAGE_PLAN = STAGE_SECONDS.labels("plan")
+STAGE_REDIS = STAGE_SECONDS.labels("redis")
+STAGE_DECODE = STAGE_SECONDS.labels("decode")
+STAGE_RESPONSE = STAGE_SECONDS.labels("response")
+
+
+def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
+    """Serve /metrics over HTTP on `port` from a daemon thread (no-op for port 0)."""
+    if port:
+        start_http_server(port, addr=host)

@@ -1,0 +1,231 @@
+"""The gRPC server: the FeatureStore servicer, health, reflection, registry refresh.
+
+The servicer only translates: proto request -> `Lookup` -> proto response. Errors are
+raised and mapped to statuses by `interceptors.ErrorInterceptor`.
+
+Life cycle (`FeatureServer`): start -> health NOT_SERVING -> the registry is loaded and
+Redis answers PING -> SERVING. A background task re-reads the registry every
+`registry_refresh_s` off the event loop and swaps it in when its fingerprint changed
+(`feast apply` needs no restart). On stop: NOT_SERVING, then in-flight calls drain
+within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from redis.exceptions import RedisError
+
+from featurestore import metrics
+from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
+from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
+from featurestore.config import Settings
+from featurestore.errors import ConfigError, InvalidArgument
+from featurestore.interceptors import ErrorInterceptor
+from featurestore.lookup import Lookup, LookupResult
+from featurestore.registry import load_registry
+from featurestore.store.layout import DType
+from featurestore.store.redis import connect
+
+__all__ = ["SERVICE_NAME", "FeatureServer", "FeatureStoreServicer", "run"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureStore"].full_name
+# Large batches (10,000 rows x many features) exceed gRPC's 4 MB default.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+_VALUE_TYPES = {dtype: pb.ValueType.Value(f"VALUE_TYPE_{dtype.name}") for dtype in DType}
+
+
+class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
+    """Translates GetOnlineFeatures between protobuf and `Lookup`."""
+
+    def __init__(self, lookup: Lookup, redis_timeout_s: float) -> None:
+        self._lookup = lookup
+        self._redis_timeout_s = redis_timeout_s
+
+    async def GetOnlineFeatures(
+        self, request: pb.GetOnlineFeaturesRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.GetOnlineFeaturesResponse:
+        entities = _entities(request.entities)
+        remaining = context.time_remaining()
+        # The socket timeout bounds every Redis call; a shorter caller deadline wins.
+        timeout_s = (
+            remaining if remaining is not None and remaining < self._redis_timeout_s else None
+        )
+        result = await self._lookup.get_online_features(
+            entities, request.features, full_feature_names=request.full_feature_names,
+            timeout_s=timeout_s,
+        )  # fmt: skip
+        start = time.perf_counter()
+        response = _response(result)
+        plan_s, redis_s, decode_s = result.timings_s
+        metrics.STAGE_PLAN.observe(plan_s)
+        metrics.STAGE_REDIS.observe(redis_s)
+        metrics.STAGE_DECODE.observe(decode_s)
+        metrics.STAGE_RESPONSE.observe(time.perf_counter() - start)
+        return response
+
+
+def _entities(columns: Sequence[pb.EntityColumn]) -> dict[str, Sequence[Any]]:
+    entities: dict[str, Sequence[Any]] = {}
+    for column in columns:
+        if column.name in entities:
+            raise InvalidArgument(f"entity column {column.name!r} is sent twice")
+        ints, strings = column.int64_values, column.string_values
+        if ints and strings:
+            raise InvalidArgument(
+                f"entity column {column.name!r} sets both int64_values and string_values"
+            )
+        entities[column.name] = strings if strings else ints
+    return entities
+
+
+def _response(result: LookupResult) -> pb.GetOnlineFeaturesResponse:
+    plan = result.plan
+    columns = [
+        pb.FeatureColumn(name=c.name, value_type=_VALUE_TYPES[c.dtype], length=c.length,
+                         values=v, offsets=o, statuses=s, view=c.view)
+        for c, v, o, s in zip(plan.columns, result.values, result.offsets, result.statuses,
+                              strict=True)
+    ]  # fmt: skip
+    views = [
+        pb.ViewTimestamps(view=name, event_timestamps_us=ts)
+        for name, ts in zip(plan.view_names, result.event_ts_us, strict=True)
+    ]
+    return pb.GetOnlineFeaturesResponse(row_count=result.rows, columns=columns, views=views)
+
+
+class FeatureServer:
+    """One server process: gRPC on `settings.address`, a Lookup, the refresh task.
+
+    server = FeatureServer(settings)
+    port = await server.start()
+    ...
+    await server.stop()
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.health = health.aio.HealthServicer()
+        self.lookup: Lookup | None = None
+        self.port = 0
+        self._server: aio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> int:
+        """Load the registry, bind, start serving; returns the bound port.
+
+        Health turns SERVING once Redis answers a PING (retried in the background).
+        """
+        settings = self.settings
+        registry = await asyncio.to_thread(load_registry, settings.repo)
+        redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        self.lookup = Lookup(redis, registry, max_rows=settings.max_rows)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._server = self._build_server(self.lookup)
+        self.port = self._server.add_insecure_port(settings.address)
+        if self.port == 0:
+            raise ConfigError(f"cannot bind gRPC to {settings.address}")
+        await self._server.start()
+        self._tasks.append(asyncio.create_task(self._become_ready(redis)))
+        if settings.registry_refresh_s > 0:
+            self._tasks.append(asyncio.create_task(self._refresh_forever()))
+        log.info("featurestore listening on %s:%d", settings.host, self.port)
+        return self.port
+
+    def _build_server(self, lookup: Lookup) -> aio.Server:
+        options = [
+            ("grpc.so_reuseport", 1 if self.settings.workers > 1 else 0),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        server = aio.server(interceptors=[ErrorInterceptor()], options=options)
+        servicer = FeatureStoreServicer(lookup, self.settings.redis_timeout_s)
+        pb_grpc.add_FeatureStoreServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        return server
+
+    async def _set_health(self, status: int) -> None:
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    async def _become_ready(self, redis: Any) -> None:
+        delay = 0.05
+        while True:
+            try:
+                await redis.ping()
+                break
+            except (RedisError, OSError) as exc:
+                log.warning("Redis does not answer PING yet (%s); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def reload(self) -> bool:
+        """Re-read the registry off the event loop; True when a changed one was swapped in."""
+        assert self.lookup is not None, "start() first"
+        registry = await asyncio.to_thread(load_registry, self.settings.repo)
+        swapped = self.lookup.swap(registry)
+        if swapped:
+            log.info("registry changed: now serving fingerprint %s", registry.fingerprint)
+        return swapped
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.registry_refresh_s)
+            try:
+                await self.reload()
+            except Exception:  # a bad registry must not stop the serving one
+                log.exception("registry reload failed; still serving the previous one")
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, then let in-flight calls finish within `grace_s` and stop."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.settings.grace_s if grace_s is None else grace_s)
+            self._server = None
+        if self.lookup is not None:
+            await self.lookup.close()
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def run(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then drain: the body of `featurestore serve`."""
+    import gc
+    import signal
+
+    metrics.serve_metrics(settings.metrics_port)
+    server = FeatureServer(settings)
+    await server.start()
+    # Everything alive now lives as long as the process: keep the collector off it, so
+    # collections stay short (fewer tail-latency pauses).
+    gc.collect()
+    gc.freeze()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("stopping: NOT_SERVING, draining for up to %.1f s", settings.grace_s)
+    await server.stop()
