@@ -1,4 +1,4 @@
-"""`featurestore serve`: parse arguments, build Settings, run (one process or several).
+"""`featurestore serve|demo`: parse arguments, build Settings, run.
 
     featurestore serve --repo feature_repo --redis redis://127.0.0.1:6379/0 --port 50051
 
@@ -45,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: off)")
     serve.add_argument("--grace-s", type=float, default=5.0)
     serve.set_defaults(func=_serve)
+    demo = commands.add_parser(
+        "demo", help="the quick start: embedded Redis and PostgreSQL, demo data, server, lookup"
+    )
+    from featurestore import demo as demo_command
+
+    demo_command.add_arguments(demo)
+    demo.set_defaults(func=demo_command.run)
     return parser
 
 

