@@ -73,8 +73,9 @@ class IndexConfig:
         device: "auto" (GPU when FAISS reports one), "cpu" or "gpu" (fail without one).
         gpu_device: which GPU.
         use_cagra: on a GPU, build CAGRA instead of the CPU-only HNSW.
-        omp_threads: FAISS OpenMP threads, process-wide. 1 by default: the server runs
-            one process per core, and oversubscribed OpenMP threads spin and make the tail.
+        omp_threads: OpenMP threads per FAISS call (searches and builds). 1 by default:
+            the server runs one process per core, and oversubscribed OpenMP threads spin
+            and make the tail.
         max_batch: most queries the coalescing searcher sends to FAISS in one call.
         exact_subset_max: an allow-list up to this size is searched exactly over just
             those vectors (better and faster than a filtered ANN search).
@@ -165,7 +166,10 @@ def gpu_count() -> int:
 
 
 def set_faiss_threads(n: int) -> None:
-    """Set FAISS's OpenMP thread count for the whole process."""
+    """Set FAISS's OpenMP thread count for FAISS calls made from the calling thread.
+
+    libgomp keeps this setting per thread: set it on the thread that calls FAISS.
+    """
     faiss.omp_set_num_threads(max(1, min(n, os.cpu_count() or 1)))
 
 

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -43,7 +44,15 @@ from featurestore.store.keys import row_key
 from featurestore.store.layout import DType, decode_rows
 from featurestore.store.redis import read_rows
 
-__all__ = ["BuildStats", "EmbeddingIndex", "IndexConfig", "IndexManager", "SearchResult"]
+__all__ = [
+    "BuildStats",
+    "EmbeddingIndex",
+    "IndexConfig",
+    "IndexManager",
+    "SearchResult",
+    "scan_vectors",
+    "search_thread",
+]
 
 log = logging.getLogger(__name__)
 K_MAX = 1000
@@ -83,7 +92,8 @@ class _Coalescer:
     for it and then go together. Costs a lone caller nothing, and under load turns many
     single-query FAISS calls into one (q, dim) call, which is what FAISS is fast at."""
 
-    def __init__(self, max_batch: int) -> None:
+    def __init__(self, max_batch: int, omp_threads: int) -> None:
+        self._omp_threads = omp_threads
         self._queue: list[_Pending] = []
         self._drainer: asyncio.Task[None] | None = None
         self._max_batch = max_batch
@@ -120,6 +130,7 @@ class _Coalescer:
     def _run(self, batch: list[_Pending]) -> list[SearchResult | BaseException]:
         """On the search thread: one FAISS call per index for unfiltered searches (k is
         the largest asked; each caller gets its first k), one per filtered search."""
+        set_faiss_threads(self._omp_threads)  # OpenMP's thread count is per calling thread
         results: list[SearchResult | BaseException] = [ValueError("unanswered")] * len(batch)
         groups: dict[int, list[int]] = {}
         for i, p in enumerate(batch):
@@ -178,11 +189,10 @@ class IndexManager:
             )
         self.project, self.view, self.spec = project, view, view.vector
         self.config = config or IndexConfig()
-        set_faiss_threads(self.config.omp_threads)
         self._live: EmbeddingIndex | None = None
         self._generation = 0
         self._update_lock = asyncio.Lock()  # one build or update at a time: none is lost
-        self._coalescer = _Coalescer(self.config.max_batch)
+        self._coalescer = _Coalescer(self.config.max_batch, self.config.omp_threads)
 
     @property
     def ready(self) -> bool:
@@ -209,7 +219,7 @@ class IndexManager:
         checked_ids = check_ids(ids, "ids", checked.shape[0])
         async with self._update_lock:
             generation = self._generation + 1
-            index = await asyncio.to_thread(
+            index = await self._off_loop(
                 EmbeddingIndex.from_checked,
                 checked_ids,
                 checked,
@@ -235,8 +245,18 @@ class IndexManager:
             if live is None:
                 raise Unavailable(f"the index of view {self.view.name!r} is not built yet")
             generation = self._generation + 1
-            index = await asyncio.to_thread(live.with_changes, ids, vectors, deletes, generation)
+            index = await self._off_loop(live.with_changes, ids, vectors, deletes, generation)
             return await self._publish(index)
+
+    async def _off_loop(self, build: Callable[..., EmbeddingIndex], *args: Any) -> EmbeddingIndex:
+        """Run a build on a worker thread, with this view's OpenMP thread count (an
+        OpenMP setting applies only to the thread that makes it)."""
+
+        def run() -> EmbeddingIndex:
+            set_faiss_threads(self.config.omp_threads)
+            return build(*args)
+
+        return await asyncio.to_thread(run)
 
     async def _publish(self, index: EmbeddingIndex) -> BuildStats:
         if self.config.wants_gpu():  # GPU work happens on the one GPU thread

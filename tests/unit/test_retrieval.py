@@ -15,7 +15,7 @@ from featurestore.embedding_index import EmbeddingIndex
 from featurestore.errors import ConfigError, InvalidArgument, NotFound, Unavailable
 from featurestore.indexspec import IndexConfig, gpu_count
 from featurestore.registry import JoinKey, VectorSpec, ViewDef
-from featurestore.retrieval import IndexManager
+from featurestore.retrieval import IndexManager, search_thread
 from featurestore.store.layout import DType, FeatureSpec, Layout
 
 DIM = 64
@@ -283,6 +283,14 @@ async def test_gpu_index_agrees_with_the_cpu(kind: str, ann_data: Any) -> None:
     assert not np.isin(got, ids[:100]).any()
     got, _ = await gpu.search(queries, k=10)
     assert recall(got, ids[order]) >= (0.999 if kind == "flat" else 0.9)
+
+
+async def test_faiss_threads_are_set_on_the_search_thread() -> None:
+    import faiss
+
+    manager, _, _ = await manager_with(100, omp_threads=1)
+    await manager.search(clustered(1), k=1)
+    assert search_thread().submit(faiss.omp_get_max_threads).result() == 1
 
 
 def test_embedding_index_build_is_usable_without_a_manager() -> None:
