@@ -71,24 +71,33 @@ class OnlineFeatures:
     Values of rows whose status is not PRESENT (1) are zeros or empty.
     """
 
-    __slots__ = ("_by_name", "_ts", "_values", "names", "rows", "views")
+    __slots__ = ("_by_name", "_response", "_ts", "_values", "names", "rows", "views")
 
     def __init__(self, response: pb.GetOnlineFeaturesResponse) -> None:
+        self._response = response
         self.rows = n = response.row_count
         self.views = tuple(v.view for v in response.views)
         self._ts = {
             v.view: np.frombuffer(v.event_timestamps_us, dtype="<i8") for v in response.views
         }
-        self._values: list[tuple[npt.NDArray[Any], npt.NDArray[np.uint8]]] = []
-        self._by_name: dict[str, int] = {}
+        # One pass, few attribute reads per column: this loop is the client's hot path.
+        values: list[tuple[npt.NDArray[Any], npt.NDArray[np.uint8]]] = []
         names = []
-        for i, col in enumerate(response.columns):
+        frombuffer, u8 = np.frombuffer, np.uint8
+        for col in response.columns:
             names.append(col.name)
-            self._values.append((_column(col, n), np.frombuffer(col.statuses, dtype=np.uint8)))
-            self._by_name[col.name] = i
-            feature = col.name.split("__", 1)[-1] if "__" in col.name else col.name
-            self._by_name.setdefault(f"{self.views[col.view]}:{feature}", i)
+            vt, length = col.value_type, col.length
+            dtype = _FIXED.get(vt)
+            if dtype is not None and (length or vt not in _LISTS):
+                array = frombuffer(col.values, dtype=dtype)
+                if length:
+                    array = array.reshape(n, length)
+            else:
+                array = _var_column(col, vt, dtype, n)
+            values.append((array, frombuffer(col.statuses, dtype=u8)))
+        self._values = values
         self.names = tuple(names)
+        self._by_name = {name: i for i, name in enumerate(names)}
 
     def values(self, name: str) -> npt.NDArray[Any]:
         """The values of feature `name`: (rows,) or (rows, length) for fixed-length lists."""
@@ -110,27 +119,35 @@ class OnlineFeatures:
         return self.values(name)
 
     def _index(self, name: str) -> int:
-        try:
-            return self._by_name[name]
-        except KeyError:
-            raise KeyError(f"no feature {name!r} in this result; it has {self.names}") from None
+        index = self._by_name.get(name)
+        if index is None and ":" in name:
+            index = self._aliases().get(name)
+        if index is None:
+            raise KeyError(f"no feature {name!r} in this result; it has {self.names}")
+        return index
+
+    def _aliases(self) -> dict[str, int]:
+        """ "view:feature" -> column index, built on first use."""
+        aliases = {}
+        for i, col in enumerate(self._response.columns):
+            view = self.views[col.view]
+            feature = col.name.removeprefix(f"{view}__")
+            aliases.setdefault(f"{view}:{feature}", i)
+        return aliases
 
 
-def _column(col: pb.FeatureColumn, n: int) -> npt.NDArray[Any]:
-    dtype = _FIXED.get(col.value_type)
-    if dtype is not None and (col.length or col.value_type not in _LISTS):
-        values = np.frombuffer(col.values, dtype=dtype)
-        return values.reshape(n, col.length) if col.length else values
-    offsets = np.frombuffer(col.offsets, dtype="<i4").tolist()
-    data = col.values
+def _var_column(col: pb.FeatureColumn, vt: int, dtype: np.dtype[Any] | None, n: int
+                ) -> npt.NDArray[Any]:  # fmt: skip
+    """Strings, bytes and lists without a declared length: an object array."""
     out = np.empty(n, dtype=object)
-    if col.value_type == _VT.VALUE_TYPE_STRING:
-        if data.isascii():  # byte offsets are character offsets: slice one str
-            text = data.decode("ascii")
-            out[:] = [text[a:b] for a, b in itertools.pairwise(offsets)]
-        else:
-            out[:] = [data[a:b].decode() for a, b in itertools.pairwise(offsets)]
-    elif col.value_type == _VT.VALUE_TYPE_BYTES:
+    data, raw_offsets = col.values, col.offsets
+    if vt == _VT.VALUE_TYPE_STRING and n > 8 and b"\x00" not in data:
+        out[:] = _split_strings(data, np.frombuffer(raw_offsets, dtype="<i4"), n)
+        return out
+    offsets = np.frombuffer(raw_offsets, dtype="<i4").tolist()
+    if vt == _VT.VALUE_TYPE_STRING:
+        out[:] = [data[a:b].decode() for a, b in itertools.pairwise(offsets)]
+    elif vt == _VT.VALUE_TYPE_BYTES:
         out[:] = [data[a:b] for a, b in itertools.pairwise(offsets)]
     else:
         assert dtype is not None
@@ -139,6 +156,19 @@ def _column(col: pb.FeatureColumn, n: int) -> npt.NDArray[Any]:
         for i, (a, b) in enumerate(itertools.pairwise(offsets)):
             out[i] = flat[a // size : b // size]
     return out
+
+
+def _split_strings(data: bytes, offsets: npt.NDArray[np.int32], n: int) -> list[str]:
+    """n strings from Arrow-style data + offsets, with no per-value Python work.
+
+    A NUL is inserted after every value (vectorised) and one `str.split` cuts them all;
+    only valid when the data holds no NUL of its own.
+    """
+    lengths = np.diff(offsets)
+    out = np.zeros(len(data) + n, dtype=np.uint8)
+    shift = np.repeat(np.arange(n, dtype=np.intp), lengths)
+    out[np.arange(len(data), dtype=np.intp) + shift] = np.frombuffer(data, dtype=np.uint8)
+    return out.tobytes().decode().split("\x00")[:n]
 
 
 def _request(entities: Mapping[str, Any], features: Sequence[str] | str,

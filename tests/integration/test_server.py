@@ -130,7 +130,7 @@ async def test_every_type_and_null_round_trips(
     for name, expected in TYPED.items():
         got, status = result.values(name), result.statuses(name)
         mask = np.asarray(nulls.get(name, [False] * 3))
-        want = np.where(mask, NULL_VALUE, PRESENT).tolist() + [NOT_FOUND]
+        want = [*np.where(mask, NULL_VALUE, PRESENT).tolist(), NOT_FOUND]
         assert status.tolist() == want, name
         for i in np.flatnonzero(~mask):
             np.testing.assert_array_equal(got[i], expected[i], err_msg=f"{name}[{i}]")

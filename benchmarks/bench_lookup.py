@@ -1,0 +1,233 @@
+"""Lookup latency and throughput through gRPC, against floors measured in the same run.
+
+    .venv/bin/python benchmarks/bench_lookup.py [--users 100000] [--iterations 2000]
+
+Starts an embedded Redis, writes `--users` rows of user_profile and user_activity and as
+many item_stats rows (encode_rows + guarded_write, as materialization does), starts the
+feature server in its own process and measures from this process, with the Python
+AsyncClient: 1, 100 and 1,000 entities x 50 features (user_profile 24 + user_activity 23
++ 3 of item_stats: three views, so 3 keys per entity), sequential and with 8/32/64 calls
+in flight. Floors, same run: a bare grpc.aio echo (own process) returning as many bytes
+as the lookup's response, and a redis.asyncio MGET of the same keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+from grpc import aio
+from harness import Stats, latency, print_table, throughput, write_results
+
+from featurestore import AsyncClient
+from featurestore.client import _request
+from featurestore.embedded import EmbeddedRedis, free_port
+from featurestore.registry import Registry, load_registry
+from featurestore.store import keys
+from featurestore.store.layout import encode_rows
+from featurestore.store.redis import guarded_write
+
+ROOT = Path(__file__).resolve().parent.parent
+FEATURES = ["user_profile", "user_activity", "item_stats:price", "item_stats:category",
+            "item_stats:rating_avg"]  # fmt: skip
+VIEWS = ("user_profile", "user_activity", "item_stats")
+ENV = {"FEATURESTORE_PG_HOST": "127.0.0.1", "FEATURESTORE_PG_PORT": "5432",
+       "FEATURESTORE_PG_DB": "postgres", "FEATURESTORE_PG_USER": "postgres",
+       "FEATURESTORE_PG_PASSWORD": "", "FEATURESTORE_FEAST_REDIS": "127.0.0.1:6379"}  # fmt: skip
+
+
+def applied_repo(workdir: Path) -> Path:
+    """A copy of feature_repo/ with `feast apply` run (the registry needs no database)."""
+    repo = workdir / "feature_repo"
+    shutil.copytree(
+        ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("data", "__pycache__")
+    )
+    feast = Path(sys.executable).parent / "feast"
+    subprocess.run([str(feast), "apply"], cwd=repo, check=True, capture_output=True,
+                   env={**os.environ, **ENV})  # fmt: skip
+    return repo
+
+
+def _columns(registry: Registry, view: str, n: int, rng: np.random.Generator) -> dict[str, Any]:
+    columns: dict[str, Any] = {}
+    for spec in registry.views[view].layout.features:
+        if spec.fixed:
+            shape = (n, spec.length) if spec.length else n
+            columns[spec.name] = (rng.random(shape) * 100).astype(spec.dtype.element)
+        else:
+            columns[spec.name] = [f"{spec.name[:4]}-{i % 97}" for i in range(n)]
+    return columns
+
+
+async def write_rows(redis_url: str, registry: Registry, count: int, chunk: int = 2000) -> None:
+    """`count` rows of each view, ids 0..count-1, in pipelined guarded writes."""
+    client = aioredis.Redis.from_url(redis_url)
+    rng = np.random.default_rng(1)
+    now_us = int(time.time() * 1e6)
+    sha: list[str] = []
+    for view in VIEWS:
+        for start in range(0, count, chunk):
+            ids = list(range(start, min(start + chunk, count)))
+            rows = encode_rows(registry.views[view].layout, np.full(len(ids), now_us),
+                               _columns(registry, view, len(ids), rng))  # fmt: skip
+            row_keys = keys.row_keys(registry.project, view, keys.entity_tokens([ids]))
+            await guarded_write(client, [(row_keys, rows)], 0, sha)
+    await client.aclose()
+
+
+@contextmanager
+def process(cmd: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(cmd, env={**os.environ, **ENV}, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd} exited with {proc.returncode}")
+            try:
+                import socket
+
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def entities(registry: Registry, n: int, users: int, rng: np.random.Generator) -> dict[str, Any]:
+    return {"user_id": rng.integers(0, users, n), "item_id": rng.integers(0, users, n)}
+
+
+def mget_keys(registry: Registry, ents: dict[str, Any]) -> list[bytes]:
+    out: list[bytes] = []
+    for view in VIEWS:
+        column = ents["item_id" if view == "item_stats" else "user_id"].tolist()
+        out += keys.row_keys(registry.project, view, keys.entity_tokens([column]))
+    return out
+
+
+async def measure_size(args: argparse.Namespace, registry: Registry, server_port: int,
+                       echo_port: int, redis_url: str, n: int) -> dict[str, Any]:  # fmt: skip
+    """Lookup, echo floor and MGET floor for `n` entities; sequential latencies."""
+    rng = np.random.default_rng(n)
+    ents = entities(registry, n, args.users, rng)
+    iterations = args.iterations if n <= 100 else max(args.iterations // 5, 200)
+    target = f"127.0.0.1:{server_port}"
+    async with (
+        AsyncClient(target) as client,
+        aio.insecure_channel(
+            f"127.0.0.1:{echo_port}", options=[("grpc.max_receive_message_length", -1)]
+        ) as echo_channel,
+    ):
+        request = _request(ents, FEATURES, False)
+        stub_response = await client._stub.GetOnlineFeatures(request)
+        sizes = (request.ByteSize(), stub_response.ByteSize())
+        echo = echo_channel.unary_unary("/bench.Echo/Echo")
+        payload = sizes[1].to_bytes(8, "little") + bytes(max(sizes[0] - 8, 0))
+        redis = aioredis.Redis.from_url(redis_url)
+        row_keys = mget_keys(registry, ents)
+
+        async def lookup() -> Any:
+            return await client.get_online_features(ents, FEATURES)
+
+        async def echo_call() -> Any:
+            return await echo(payload)
+
+        async def mget_call() -> Any:
+            return await redis.mget(row_keys)
+
+        stats = {
+            "lookup": await latency(f"lookup {n}x50", lookup, iterations=iterations),
+            "echo": await latency(f"echo {sizes[1]} B", echo_call, iterations=iterations),
+            "mget": await latency(f"MGET {len(row_keys)} keys", mget_call, iterations=iterations),
+        }
+        rates = {}
+        if n == 100:
+            for k in (8, 32, 64):
+                rates[f"lookup@{k}"] = await throughput(lookup, in_flight=k)
+                rates[f"echo@{k}"] = await throughput(echo_call, in_flight=k)
+        await redis.aclose()
+    return {"entities": n, "request_bytes": sizes[0], "response_bytes": sizes[1],
+            "stats": stats, "throughput": rates}  # fmt: skip
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for r in results:
+        s: dict[str, Stats] = r["stats"]
+        floor_p50 = s["echo"].p50_ms + s["mget"].p50_ms
+        floor_p99 = s["echo"].p99_ms + s["mget"].p99_ms
+        for key in ("lookup", "echo", "mget"):
+            rows.append({"name": s[key].name, "p50 ms": s[key].p50_ms, "p99 ms": s[key].p99_ms,
+                         "p99.9 ms": s[key].p999_ms})  # fmt: skip
+        rows.append({"name": f"  floor {r['entities']} (echo+MGET)", "p50 ms": floor_p50,
+                     "p99 ms": floor_p99})  # fmt: skip
+        rows.append({"name": "  lookup / floor", "p50 ms": s["lookup"].p50_ms / floor_p50,
+                     "p99 ms": s["lookup"].p99_ms / floor_p99})  # fmt: skip
+        r["floor"] = {"p50_ms": floor_p50, "p99_ms": floor_p99,
+                      "ratio_p50": s["lookup"].p50_ms / floor_p50,
+                      "ratio_p99": s["lookup"].p99_ms / floor_p99}  # fmt: skip
+    return rows
+
+
+async def run(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-lookup-") as tmp:
+        workdir = Path(tmp)
+        repo = applied_repo(workdir)
+        registry = load_registry(repo)
+        with EmbeddedRedis(workdir / "redis") as redis_server:
+            url = redis_server.url
+            started = time.perf_counter()
+            await write_rows(url, registry, args.users)
+            print(f"wrote {args.users} rows x {len(VIEWS)} views in "
+                  f"{time.perf_counter() - started:.1f} s")  # fmt: skip
+            port, echo_port = free_port(), free_port()
+            serve = [sys.executable, "-m", "featurestore", "serve", "--repo", str(repo),
+                     "--redis", url, "--host", "127.0.0.1", "--port", str(port),
+                     "--registry-refresh-s", "0"]  # fmt: skip
+            echo = [sys.executable, str(Path(__file__).parent / "echo_server.py"), str(echo_port)]
+            with process(serve, port), process(echo, echo_port):
+                async with AsyncClient(f"127.0.0.1:{port}") as client:
+                    await client.wait_until_serving(60)
+                results = [await measure_size(args, registry, port, echo_port, url, n)
+                           for n in args.entities]  # fmt: skip
+    rows = summarize(results)
+    print_table(rows, ["name", "p50 ms", "p99 ms", "p99.9 ms"])
+    for r in results:
+        for name, rate in r["throughput"].items():
+            print(f"throughput {r['entities']}x50 {name} in flight: {rate:.0f} calls/s")
+    print("wrote", write_results("lookup", {"results": results}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--users", type=int, default=100_000)
+    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--entities", type=int, nargs="+", default=[1, 100, 1000])
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        runner.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

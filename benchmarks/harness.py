@@ -1,0 +1,115 @@
+"""A small benchmark harness: warm-up, N sequential calls, percentiles, throughput.
+
+    stats = await latency("lookup 100x50", call, iterations=2000)
+    rate = await throughput(call, in_flight=32, duration_s=3)
+
+Every figure is compared against a floor measured in the same run (`ratio`), because
+this machine's absolute numbers move by tens of percent between runs. Results go to
+JSON under benchmarks/results/ with the command line and the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Stats", "latency", "print_table", "throughput", "write_results"]
+
+Call = Callable[[], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Latency percentiles of one measured call, in milliseconds."""
+
+    name: str
+    calls: int
+    p50_ms: float
+    p99_ms: float
+    p999_ms: float
+    mean_ms: float
+
+    @classmethod
+    def of(cls, name: str, samples_ns: np.ndarray[Any, Any]) -> Stats:
+        ms = samples_ns / 1e6
+        p50, p99, p999 = np.percentile(ms, [50, 99, 99.9])
+        return cls(name, len(ms), float(p50), float(p99), float(p999), float(ms.mean()))
+
+
+async def latency(name: str, call: Call, *, iterations: int, warmup: int = 200) -> Stats:
+    """Time `iterations` sequential awaits of `call()` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        await call()
+    samples = np.empty(iterations, dtype=np.int64)
+    clock = time.perf_counter_ns
+    gc.collect()
+    for i in range(iterations):
+        start = clock()
+        await call()
+        samples[i] = clock() - start
+    return Stats.of(name, samples)
+
+
+async def throughput(call: Call, *, in_flight: int, duration_s: float = 3.0) -> float:
+    """Calls per second with `in_flight` calls outstanding at all times."""
+    done = 0
+    stop_at = time.perf_counter() + duration_s
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < stop_at:
+            await call()
+            done += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(in_flight)))
+    return done / (time.perf_counter() - start)
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Print dicts as an aligned text table."""
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if value < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def write_results(name: str, results: dict[str, Any]) -> Path:
+    """Write `results` with the run's context to benchmarks/results/<name>-<time>.json."""
+    folder = Path(__file__).resolve().parent / "results"
+    folder.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = folder / f"{name}-{stamp}.json"
+    context = {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
+    path.write_text(json.dumps({"context": context, **results}, indent=2, default=_json))
+    return path
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, Stats):
+        return asdict(value)
+    raise TypeError(type(value))
