@@ -128,7 +128,7 @@ class OnlineFeatures:
 
     def _aliases(self) -> dict[str, int]:
         """ "view:feature" -> column index, built on first use."""
-        aliases = {}
+        aliases: dict[str, int] = {}
         for i, col in enumerate(self._response.columns):
             view = self.views[col.view]
             feature = col.name.removeprefix(f"{view}__")
