@@ -303,7 +303,8 @@ def _list_values(
 ) -> list[Any]:
     if centres is not None and spec.dtype in (DType.FLOAT32_LIST, DType.FLOAT64_LIST):
         picks = centres[rng.integers(0, len(centres), n)]
-        noise = rng.standard_normal(picks.shape).astype(np.float32) * 0.1
+        # Noise of norm ~0.35 around a unit centre: members of a cluster have cosine ~0.9.
+        noise = rng.standard_normal(picks.shape).astype(np.float32) * (0.35 / spec.length**0.5)
         vectors = picks + noise
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         out: list[Any] = vectors.tolist()

@@ -1,0 +1,260 @@
+"""Materialization throughput against asyncpg's binary COPY of the same rows, same run.
+
+    .venv/bin/python benchmarks/bench_materialize.py --sizes 250000,1000000
+
+For each size: a Feast repo copy with one extra view, `bench_wide` (50 float8 features
+keyed by user_id), is applied; the demo generator fills its table (one version per
+user, 2% nulls) in an embedded PostgreSQL; then, on the same latest-row query:
+
+    copy_plain   asyncpg `copy_from_query(..., format='binary')` of
+                 `SELECT DISTINCT ON (user_id) * ... ORDER BY user_id, event_timestamp
+                 DESC, created DESC`, output discarded: the floor to compare against
+    copy_shaped  the same for the job's own SELECT (COALESCEd columns, null masks)
+    job          `featurestore-materialize backfill` as a child process, into an embedded
+                 Redis: its summary line's rate (registry loading excluded, reported
+                 apart) and its peak RSS (wait4)
+
+Prints a table and writes benchmarks/results/materialize-<UTC time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "feature_repo"))
+
+from generate import GenerateOptions, generate  # noqa: E402
+
+from featurestore.embedded import EmbeddedPostgres, EmbeddedRedis  # noqa: E402
+from featurestore.registry import load_registry  # noqa: E402
+from materialize.plan import Window, to_us  # noqa: E402
+from materialize.source import SourceQuery  # noqa: E402
+
+VIEW = "bench_wide"
+BENCH_VIEW = """
+
+bench_wide = FeatureView(
+    name="bench_wide",
+    entities=[user],
+    ttl=timedelta(days=30),
+    source=_source("bench_wide"),
+    schema=[Field(name=f"f{i:02d}", dtype=Float64) for i in range(50)],
+    online=True,
+)
+"""
+
+
+def pg_env(dsn: str) -> dict[str, str]:
+    m = re.match(r"postgresql://(\w+)@([\d.]+):(\d+)/(\w+)", dsn)
+    assert m, dsn
+    user, host, port, db = m.groups()
+    return {
+        "FEATURESTORE_PG_HOST": host,
+        "FEATURESTORE_PG_PORT": port,
+        "FEATURESTORE_PG_DB": db,
+        "FEATURESTORE_PG_USER": user,
+        "FEATURESTORE_PG_PASSWORD": "",
+        "FEATURESTORE_FEAST_REDIS": "127.0.0.1:6379",
+    }
+
+
+def make_repo(workdir: Path, dsn: str) -> Path:
+    repo = workdir / "feature_repo"
+    shutil.copytree(
+        ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("data", "__pycache__")
+    )
+    with (repo / "features.py").open("a") as f:
+        f.write(BENCH_VIEW)
+    os.environ.update(pg_env(dsn))
+    feast = Path(sys.executable).parent / "feast"
+    subprocess.run([str(feast), "apply"], cwd=repo, check=True, capture_output=True)
+    return repo
+
+
+async def copy_rate(dsn: str, sql: str, args: list[Any]) -> tuple[int, float]:
+    conn = await asyncpg.connect(dsn)
+    received = 0
+
+    async def sink(chunk: bytes) -> None:
+        nonlocal received
+        received += len(chunk)
+
+    try:
+        started = time.perf_counter()
+        await conn.copy_from_query(sql, *args, output=sink, format="binary")
+        return received, time.perf_counter() - started
+    finally:
+        await conn.close()
+
+
+def _watch_peak_rss(proc: subprocess.Popen[bytes]) -> int:
+    """The child's peak RSS in kB: VmHWM of its own address space, read until it exits.
+
+    Not wait4's ru_maxrss: Linux carries the pre-exec high-water mark of the forked
+    parent (this benchmark, holding the generator's data) over into the child.
+    """
+    peak = 0
+    while proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+        except OSError:
+            break
+        match = re.search(r"VmHWM:\s+(\d+) kB", status)
+        peak = max(peak, int(match[1])) if match else peak
+        time.sleep(0.02)
+    return peak
+
+
+def run_job(repo: Path, dsn: str, redis_url: str, start: datetime, end: datetime) -> dict[str, Any]:
+    cmd = [
+        str(Path(sys.executable).parent / "featurestore-materialize"),
+        "--repo",
+        str(repo),
+        "--dsn",
+        dsn,
+        "--redis",
+        redis_url,
+        "--views",
+        VIEW,
+        "-v",
+        "backfill",
+        "--start",
+        start.isoformat(),
+        "--end",
+        end.isoformat(),
+    ]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak_kb = _watch_peak_rss(proc)
+    out_b, err_b = proc.communicate()
+    wall = time.perf_counter() - started
+    out, err = out_b.decode(), err_b.decode()
+    if proc.returncode != 0:
+        raise SystemExit(f"job failed ({proc.returncode}): {err}")
+    m = re.search(r"read (\d+) rows, wrote (\d+), skipped (\d+) as older, in ([\d.]+) s", out)
+    assert m, out
+    read, wrote, skipped, seconds = int(m[1]), int(m[2]), int(m[3]), float(m[4])
+    return {
+        "read": read,
+        "written": wrote,
+        "skipped": skipped,
+        "seconds": seconds,
+        "rows_per_s": read / seconds,
+        "wall_s_with_registry_load": wall,
+        "peak_rss_mb": peak_kb / 1024,
+        "summary": out.strip(),
+    }
+
+
+async def measure(size: int, dsn: str, redis_url: str, repo: Path) -> dict[str, Any]:
+    registry = load_registry(repo)
+    now = datetime.now(UTC)
+    started = time.perf_counter()
+    await generate(
+        dsn,
+        registry,
+        GenerateOptions(users=size, versions=1, stale_fraction=0.0, chunk_rows=100_000),
+        views=[VIEW],
+        now=now,
+    )
+    gen_s = time.perf_counter() - started
+    view = registry.view(VIEW)
+    start, end = now - timedelta(days=40), now + timedelta(seconds=1)
+    window = Window(view, to_us(start), to_us(end), advances_watermark=False)
+    shaped_sql, args = SourceQuery(view).select(window)
+    plain_sql = (
+        "SELECT DISTINCT ON (user_id) * FROM bench_wide WHERE event_timestamp < $1"
+        " AND event_timestamp >= $2 ORDER BY user_id, event_timestamp DESC, created DESC"
+    )
+    await copy_rate(dsn, plain_sql, args)  # warm the cache: every measure reads from memory
+    plain_bytes, plain_s = await copy_rate(dsn, plain_sql, args)
+    _, shaped_s = await copy_rate(dsn, shaped_sql, args)
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.config_resetstat()
+    job = run_job(repo, dsn, redis_url, start, end)
+    script = client.info("commandstats").get("cmdstat_evalsha", {})
+    job["redis_script_us_per_row"] = script.get("usec", 0) / max(1, job["written"])
+    client.flushdb()
+    client.close()
+    assert job["read"] == size, job
+    return {
+        "rows": size,
+        "features": 50,
+        "generate_s": gen_s,
+        "copy_plain_rows_per_s": size / plain_s,
+        "copy_plain_mb": plain_bytes / 1e6,
+        "copy_shaped_rows_per_s": size / shaped_s,
+        "job": job,
+        "ratio_job_to_copy_plain": job["rows_per_s"] / (size / plain_s),
+    }
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    print(f"{'rows':>9} {'COPY plain':>11} {'COPY shaped':>12} {'job':>10} {'ratio':>6}"
+          f" {'Redis script':>13} {'job peak RSS':>13}")  # fmt: skip
+    for r in results:
+        job = r["job"]
+        print(
+            f"{r['rows']:>9,} {r['copy_plain_rows_per_s']:>9,.0f}/s"
+            f" {r['copy_shaped_rows_per_s']:>10,.0f}/s {job['rows_per_s']:>8,.0f}/s"
+            f" {r['ratio_job_to_copy_plain']:>6.2f} {job['redis_script_us_per_row']:>7.2f} us/row"
+            f" {job['peak_rss_mb']:>10.0f} MB"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="250000,1000000")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-mat-") as tmp:
+        work = Path(tmp)
+        work.chmod(0o755)  # PostgreSQL runs as an unprivileged user when we are root
+        with EmbeddedPostgres(work / "pg") as pg, EmbeddedRedis(work / "redis") as rds:
+            repo = make_repo(work, pg.dsn)
+            for size in sizes:
+                results.append(asyncio.run(measure(size, pg.dsn, rds.url, repo)))
+    print_table(results)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = ROOT / "benchmarks" / "results" / f"materialize-{stamp}.json"
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "materialize",
+                "date": stamp,
+                "command": " ".join(sys.argv),
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "platform": platform.platform(),
+                },
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
