@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import numpy as np
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,8 +45,12 @@ sys.path.insert(0, str(ROOT / "feature_repo"))
 from generate import GenerateOptions, generate  # noqa: E402
 
 from featurestore.embedded import EmbeddedPostgres, EmbeddedRedis  # noqa: E402
-from featurestore.registry import load_registry  # noqa: E402
+from featurestore.registry import ViewDef, load_registry  # noqa: E402
+from featurestore.store.keys import row_keys  # noqa: E402
+from featurestore.store.layout import encode_rows  # noqa: E402
+from featurestore.store.redis import guarded_write  # noqa: E402
 from materialize.plan import Window, to_us  # noqa: E402
+from materialize.sink import connect  # noqa: E402
 from materialize.source import SourceQuery  # noqa: E402
 
 VIEW = "bench_wide"
@@ -103,6 +108,31 @@ async def copy_rate(dsn: str, sql: str, args: list[Any]) -> tuple[int, float]:
         return received, time.perf_counter() - started
     finally:
         await conn.close()
+
+
+async def guarded_write_rate(redis_url: str, view: ViewDef, rows: int) -> float:
+    """Rows/s of `guarded_write` alone: pre-packed rows, the job's batch and pipeline shape."""
+    rng = np.random.default_rng(0)
+    now_us = int(time.time() * 1e6)
+    batch = 8_000
+    columns = {f.name: rng.random(batch) for f in view.layout.features}
+    packed = encode_rows(view.layout, np.full(batch, now_us), columns)
+    client = connect(redis_url, max_connections=4)
+    sha: list[str] = []
+
+    async def writer(first: int, step: int) -> None:
+        for start in range(first, rows, step):
+            keys = row_keys("bench", view.name, [b"%d" % i for i in range(start, start + batch)])
+            pipe = [(keys[i : i + 1000], packed[i : i + 1000]) for i in range(0, batch, 1000)]
+            await guarded_write(client, pipe, 0, sha)
+
+    try:
+        started = time.perf_counter()
+        await asyncio.gather(writer(0, 2 * batch), writer(batch, 2 * batch))
+        return rows / (time.perf_counter() - started)
+    finally:
+        await client.flushdb()
+        await client.aclose()
 
 
 def _watch_peak_rss(proc: subprocess.Popen[bytes]) -> int:
@@ -191,11 +221,13 @@ async def measure(size: int, dsn: str, redis_url: str, repo: Path) -> dict[str, 
     client.flushdb()
     client.config_resetstat()
     job = run_job(repo, dsn, redis_url, start, end)
-    script = client.info("commandstats").get("cmdstat_evalsha", {})
+    stats: Any = client.info("commandstats")
+    script = stats.get("cmdstat_evalsha", {})
     job["redis_script_us_per_row"] = script.get("usec", 0) / max(1, job["written"])
     client.flushdb()
     client.close()
     assert job["read"] == size, job
+    redis_alone = await guarded_write_rate(redis_url, view, size)
     return {
         "rows": size,
         "features": 50,
@@ -204,18 +236,20 @@ async def measure(size: int, dsn: str, redis_url: str, repo: Path) -> dict[str, 
         "copy_plain_mb": plain_bytes / 1e6,
         "copy_shaped_rows_per_s": size / shaped_s,
         "job": job,
+        "guarded_write_alone_rows_per_s": redis_alone,
         "ratio_job_to_copy_plain": job["rows_per_s"] / (size / plain_s),
     }
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    print(f"{'rows':>9} {'COPY plain':>11} {'COPY shaped':>12} {'job':>10} {'ratio':>6}"
-          f" {'Redis script':>13} {'job peak RSS':>13}")  # fmt: skip
+    print(f"{'rows':>9} {'COPY plain':>11} {'COPY shaped':>12} {'writes alone':>13}"
+          f" {'job':>10} {'ratio':>6} {'Redis script':>13} {'job peak RSS':>13}")  # fmt: skip
     for r in results:
         job = r["job"]
         print(
             f"{r['rows']:>9,} {r['copy_plain_rows_per_s']:>9,.0f}/s"
-            f" {r['copy_shaped_rows_per_s']:>10,.0f}/s {job['rows_per_s']:>8,.0f}/s"
+            f" {r['copy_shaped_rows_per_s']:>10,.0f}/s"
+            f" {r['guarded_write_alone_rows_per_s']:>11,.0f}/s {job['rows_per_s']:>8,.0f}/s"
             f" {r['ratio_job_to_copy_plain']:>6.2f} {job['redis_script_us_per_row']:>7.2f} us/row"
             f" {job['peak_rss_mb']:>10.0f} MB"
         )
@@ -243,6 +277,7 @@ def main() -> None:
                 "benchmark": "materialize",
                 "date": stamp,
                 "command": " ".join(sys.argv),
+                "load_average_at_end": os.getloadavg(),
                 "machine": {
                     "cpus": os.cpu_count(),
                     "python": platform.python_version(),

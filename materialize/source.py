@@ -210,9 +210,11 @@ class CopyParser:
             return -1
         if buf[:11] != _SIGNATURE:
             raise Unavailable("PostgreSQL sent an unexpected COPY header (not binary COPY)")
+        end: int = 19 + _INT32.unpack_from(buf, 15)[0]  # after the header extension
+        if len(buf) < end:
+            return -1
         self._header_done = True
-        extension: int = _INT32.unpack_from(buf, 15)[0]
-        return 19 + extension
+        return end
 
     def _walk(self, buf: bytes, pos: int) -> tuple[list[int], list[int], int]:
         """Tuple starts and the offsets of their variable fields' length words.
