@@ -87,7 +87,7 @@ def connect(url: str, *, timeout_s: float = 10.0, max_connections: int = 8) -> a
         socket_connect_timeout=timeout_s,
         max_connections=max_connections,
     )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
 
 
 def expiry_ms(view: ViewDef, grace_s: float) -> int:
