@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -174,9 +175,13 @@ async def _materialize(
         writers=settings.writers,
         expiry_grace_s=settings.expiry_grace_s,
     )
+    # A pseudo-terminal may report a 0 x 0 screen, on which tqdm prints nothing; shutil
+    # falls back to $COLUMNS/$LINES or 80 x 24 then.
+    cols, rows = shutil.get_terminal_size()
     with tqdm(
-        desc=view.name, unit=" rows", file=sys.stderr, disable=not settings.progress, leave=True
-    ) as bar:
+        desc=view.name, unit=" rows", file=sys.stderr, disable=not settings.progress,
+        ncols=cols, nrows=rows,
+    ) as bar:  # fmt: skip
         counts = await write_through(client, registry.project, view, produce, options, bar.update)
     log.info("%s: read %d, wrote %d, skipped %d", view.name, counts.read, counts.written,
              counts.skipped)  # fmt: skip
