@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"featurestore/v1/featurestore.proto\x12\x0f\x66\x65\x61turestore.v1\"I\n\x0c\x45ntityColumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cint64_values\x18\x02 \x03(\x03\x12\x15\n\rstring_values\x18\x03 \x03(\t\"y\n\x18GetOnlineFeaturesRequest\x12/\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x1d.featurestore.v1.EntityColumn\x12\x10\n\x08\x66\x65\x61tures\x18\x02 \x03(\t\x12\x1a\n\x12\x66ull_feature_names\x18\x03 \x01(\x08\"\x9e\x01\n\rFeatureColumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\nvalue_type\x18\x02 \x01(\x0e\x32\x1a.featurestore.v1.ValueType\x12\x0e\n\x06length\x18\x03 \x01(\r\x12\x0e\n\x06values\x18\x04 \x01(\x0c\x12\x0f\n\x07offsets\x18\x05 \x01(\x0c\x12\x10\n\x08statuses\x18\x06 \x01(\x0c\x12\x0c\n\x04view\x18\x07 \x01(\r\";\n\x0eViewTimestamps\x12\x0c\n\x04view\x18\x01 \x01(\t\x12\x1b\n\x13\x65vent_timestamps_us\x18\x02 \x01(\x0c\"\x8f\x01\n\x19GetOnlineFeaturesResponse\x12\x11\n\trow_count\x18\x01 \x01(\r\x12/\n\x07\x63olumns\x18\x02 \x03(\x0b\x32\x1e.featurestore.v1.FeatureColumn\x12.\n\x05views\x18\x03 \x03(\x0b\x32\x1f.featurestore.v1.ViewTimestamps*\xd4\x02\n\tValueType\x12\x1a\n\x16VALUE_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10VALUE_TYPE_INT32\x10\x01\x12\x14\n\x10VALUE_TYPE_INT64\x10\x02\x12\x16\n\x12VALUE_TYPE_FLOAT32\x10\x03\x12\x16\n\x12VALUE_TYPE_FLOAT64\x10\x04\x12\x13\n\x0fVALUE_TYPE_BOOL\x10\x05\x12\x15\n\x11VALUE_TYPE_STRING\x10\x06\x12\x14\n\x10VALUE_TYPE_BYTES\x10\x07\x12\x1d\n\x19VALUE_TYPE_UNIX_TIMESTAMP\x10\x08\x12\x19\n\x15VALUE_TYPE_INT32_LIST\x10\t\x12\x19\n\x15VALUE_TYPE_INT64_LIST\x10\n\x12\x1b\n\x17VALUE_TYPE_FLOAT32_LIST\x10\x0b\x12\x1b\n\x17VALUE_TYPE_FLOAT64_LIST\x10\x0c*[\n\x0b\x46ieldStatus\x12\x0b\n\x07INVALID\x10\x00\x12\x0b\n\x07PRESENT\x10\x01\x12\x0e\n\nNULL_VALUE\x10\x02\x12\r\n\tNOT_FOUND\x10\x03\x12\x13\n\x0fOUTSIDE_MAX_AGE\x10\x04\x32z\n\x0c\x46\x65\x61tureStore\x12j\n\x11GetOnlineFeatures\x12).featurestore.v1.GetOnlineFeaturesRequest\x1a*.featurestore.v1.GetOnlineFeaturesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"featurestore/v1/featurestore.proto\x12\x0f\x66\x65\x61turestore.v1\"I\n\x0c\x45ntityColumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cint64_values\x18\x02 \x03(\x03\x12\x15\n\rstring_values\x18\x03 \x03(\t\"y\n\x18GetOnlineFeaturesRequest\x12/\n\x08\x65ntities\x18\x01 \x03(\x0b\x32\x1d.featurestore.v1.EntityColumn\x12\x10\n\x08\x66\x65\x61tures\x18\x02 \x03(\t\x12\x1a\n\x12\x66ull_feature_names\x18\x03 \x01(\x08\"\x9e\x01\n\rFeatureColumn\x12\x0c\n\x04name\x18\x01 \x01(\t\x12.\n\nvalue_type\x18\x02 \x01(\x0e\x32\x1a.featurestore.v1.ValueType\x12\x0e\n\x06length\x18\x03 \x01(\r\x12\x0e\n\x06values\x18\x04 \x01(\x0c\x12\x0f\n\x07offsets\x18\x05 \x01(\x0c\x12\x10\n\x08statuses\x18\x06 \x01(\x0c\x12\x0c\n\x04view\x18\x07 \x01(\r\";\n\x0eViewTimestamps\x12\x0c\n\x04view\x18\x01 \x01(\t\x12\x1b\n\x13\x65vent_timestamps_us\x18\x02 \x01(\x0c\"\x8f\x01\n\x19GetOnlineFeaturesResponse\x12\x11\n\trow_count\x18\x01 \x01(\r\x12/\n\x07\x63olumns\x18\x02 \x03(\x0b\x32\x1e.featurestore.v1.FeatureColumn\x12.\n\x05views\x18\x03 \x03(\x0b\x32\x1f.featurestore.v1.ViewTimestamps\"\x82\x02\n\x14SearchSimilarRequest\x12\x0c\n\x04view\x18\x01 \x01(\t\x12\x17\n\rquery_vectors\x18\x02 \x01(\x0cH\x00\x12\x13\n\tquery_ids\x18\x03 \x01(\x0cH\x00\x12\x13\n\x0bquery_count\x18\x04 \x01(\r\x12\t\n\x01k\x18\x05 \x01(\r\x12\x1c\n\x14\x65xclude_query_entity\x18\x06 \x01(\x08\x12\x16\n\tallow_ids\x18\x07 \x01(\x0cH\x01\x88\x01\x01\x12\x13\n\x0b\x65xclude_ids\x18\x08 \x01(\x0c\x12\x10\n\x08\x66\x65\x61tures\x18\t \x03(\t\x12\x1a\n\x12\x66ull_feature_names\x18\n \x01(\x08\x42\x07\n\x05queryB\x0c\n\n_allow_ids\"\xbc\x01\n\x15SearchSimilarResponse\x12\x13\n\x0bquery_count\x18\x01 \x01(\r\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0b\n\x03ids\x18\x03 \x01(\x0c\x12\x0e\n\x06scores\x18\x04 \x01(\x0c\x12\x0e\n\x06metric\x18\x05 \x01(\t\x12\x18\n\x10index_generation\x18\x06 \x01(\x04\x12<\n\x08\x66\x65\x61tures\x18\x07 \x01(\x0b\x32*.featurestore.v1.GetOnlineFeaturesResponse*\xd4\x02\n\tValueType\x12\x1a\n\x16VALUE_TYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10VALUE_TYPE_INT32\x10\x01\x12\x14\n\x10VALUE_TYPE_INT64\x10\x02\x12\x16\n\x12VALUE_TYPE_FLOAT32\x10\x03\x12\x16\n\x12VALUE_TYPE_FLOAT64\x10\x04\x12\x13\n\x0fVALUE_TYPE_BOOL\x10\x05\x12\x15\n\x11VALUE_TYPE_STRING\x10\x06\x12\x14\n\x10VALUE_TYPE_BYTES\x10\x07\x12\x1d\n\x19VALUE_TYPE_UNIX_TIMESTAMP\x10\x08\x12\x19\n\x15VALUE_TYPE_INT32_LIST\x10\t\x12\x19\n\x15VALUE_TYPE_INT64_LIST\x10\n\x12\x1b\n\x17VALUE_TYPE_FLOAT32_LIST\x10\x0b\x12\x1b\n\x17VALUE_TYPE_FLOAT64_LIST\x10\x0c*[\n\x0b\x46ieldStatus\x12\x0b\n\x07INVALID\x10\x00\x12\x0b\n\x07PRESENT\x10\x01\x12\x0e\n\nNULL_VALUE\x10\x02\x12\r\n\tNOT_FOUND\x10\x03\x12\x13\n\x0fOUTSIDE_MAX_AGE\x10\x04\x32\xda\x01\n\x0c\x46\x65\x61tureStore\x12j\n\x11GetOnlineFeatures\x12).featurestore.v1.GetOnlineFeaturesRequest\x1a*.featurestore.v1.GetOnlineFeaturesResponse\x12^\n\rSearchSimilar\x12%.featurestore.v1.SearchSimilarRequest\x1a&.featurestore.v1.SearchSimilarResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'featurestore.v1.featurestore_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VALUETYPE']._serialized_start=622
-  _globals['_VALUETYPE']._serialized_end=962
-  _globals['_FIELDSTATUS']._serialized_start=964
-  _globals['_FIELDSTATUS']._serialized_end=1055
+  _globals['_VALUETYPE']._serialized_start=1074
+  _globals['_VALUETYPE']._serialized_end=1414
+  _globals['_FIELDSTATUS']._serialized_start=1416
+  _globals['_FIELDSTATUS']._serialized_end=1507
   _globals['_ENTITYCOLUMN']._serialized_start=55
   _globals['_ENTITYCOLUMN']._serialized_end=128
   _globals['_GETONLINEFEATURESREQUEST']._serialized_start=130
@@ -46,6 +46,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VIEWTIMESTAMPS']._serialized_end=473
   _globals['_GETONLINEFEATURESRESPONSE']._serialized_start=476
   _globals['_GETONLINEFEATURESRESPONSE']._serialized_end=619
-  _globals['_FEATURESTORE']._serialized_start=1057
-  _globals['_FEATURESTORE']._serialized_end=1179
+  _globals['_SEARCHSIMILARREQUEST']._serialized_start=622
+  _globals['_SEARCHSIMILARREQUEST']._serialized_end=880
+  _globals['_SEARCHSIMILARRESPONSE']._serialized_start=883
+  _globals['_SEARCHSIMILARRESPONSE']._serialized_end=1071
+  _globals['_FEATURESTORE']._serialized_start=1510
+  _globals['_FEATURESTORE']._serialized_end=1728
 # @@protoc_insertion_point(module_scope)

@@ -276,3 +276,114 @@ class GetOnlineFeaturesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetOnlineFeaturesResponse: _TypeAlias = GetOnlineFeaturesResponse  # noqa: Y015
+
+@_typing.final
+class SearchSimilarRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VIEW_FIELD_NUMBER: _builtins.int
+    QUERY_VECTORS_FIELD_NUMBER: _builtins.int
+    QUERY_IDS_FIELD_NUMBER: _builtins.int
+    QUERY_COUNT_FIELD_NUMBER: _builtins.int
+    K_FIELD_NUMBER: _builtins.int
+    EXCLUDE_QUERY_ENTITY_FIELD_NUMBER: _builtins.int
+    ALLOW_IDS_FIELD_NUMBER: _builtins.int
+    EXCLUDE_IDS_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    FULL_FEATURE_NAMES_FIELD_NUMBER: _builtins.int
+    view: _builtins.str
+    """an embedding view (a feature view whose vector feature is indexed)"""
+    query_vectors: _builtins.bytes
+    """query_count x dim float32, little-endian, row-major (1 to 10,000 queries)."""
+    query_ids: _builtins.bytes
+    """int64 little-endian entity ids: each entity's own stored embedding is the query."""
+    query_count: _builtins.int
+    """rows of query_vectors (ignored for query_ids)"""
+    k: _builtins.int
+    """neighbours per query, 1 to 1,000"""
+    exclude_query_entity: _builtins.bool
+    """query_ids only: an entity is not its own neighbour"""
+    allow_ids: _builtins.bytes
+    """int64 LE; when set, only these ids may be returned"""
+    exclude_ids: _builtins.bytes
+    """int64 LE; never returned"""
+    full_feature_names: _builtins.bool
+    @_builtins.property
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Features of the neighbours, as GetOnlineFeaturesRequest.features; none: ids only."""
+
+    def __init__(
+        self,
+        *,
+        view: _builtins.str = ...,
+        query_vectors: _builtins.bytes = ...,
+        query_ids: _builtins.bytes = ...,
+        query_count: _builtins.int = ...,
+        k: _builtins.int = ...,
+        exclude_query_entity: _builtins.bool = ...,
+        allow_ids: _builtins.bytes | None = ...,
+        exclude_ids: _builtins.bytes = ...,
+        features: _abc.Iterable[_builtins.str] | None = ...,
+        full_feature_names: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_allow_ids", b"_allow_ids", "allow_ids", b"allow_ids", "query", b"query", "query_ids", b"query_ids", "query_vectors", b"query_vectors"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_allow_ids", b"_allow_ids", "allow_ids", b"allow_ids", "exclude_ids", b"exclude_ids", "exclude_query_entity", b"exclude_query_entity", "features", b"features", "full_feature_names", b"full_feature_names", "k", b"k", "query", b"query", "query_count", b"query_count", "query_ids", b"query_ids", "query_vectors", b"query_vectors", "view", b"view"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__allow_ids: _TypeAlias = _typing.Literal["allow_ids"]  # noqa: Y015
+    _WhichOneofArgType__allow_ids: _TypeAlias = _typing.Literal["_allow_ids", b"_allow_ids"]  # noqa: Y015
+    _WhichOneofReturnType_query: _TypeAlias = _typing.Literal["query_vectors", "query_ids"]  # noqa: Y015
+    _WhichOneofArgType_query: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__allow_ids) -> _WhichOneofReturnType__allow_ids | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_query) -> _WhichOneofReturnType_query | None: ...
+
+Global___SearchSimilarRequest: _TypeAlias = SearchSimilarRequest  # noqa: Y015
+
+@_typing.final
+class SearchSimilarResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUERY_COUNT_FIELD_NUMBER: _builtins.int
+    K_FIELD_NUMBER: _builtins.int
+    IDS_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    INDEX_GENERATION_FIELD_NUMBER: _builtins.int
+    FEATURES_FIELD_NUMBER: _builtins.int
+    query_count: _builtins.int
+    k: _builtins.int
+    ids: _builtins.bytes
+    """query_count x k int64 LE, row-major; -1 where fewer were found"""
+    scores: _builtins.bytes
+    """query_count x k float32 LE: cosine similarity, inner product or squared L2 distance
+    (see `metric`); -inf (similarities) or +inf (l2) where the id is -1.
+    """
+    metric: _builtins.str
+    index_generation: _builtins.int
+    """the index generation that answered"""
+    @_builtins.property
+    def features(self) -> Global___GetOnlineFeaturesResponse:
+        """When features were asked: one row per entry of `ids` (query_count x k, same order),
+        keyed by the view's join key; rows of -1 ids are NOT_FOUND.
+        """
+
+    def __init__(
+        self,
+        *,
+        query_count: _builtins.int = ...,
+        k: _builtins.int = ...,
+        ids: _builtins.bytes = ...,
+        scores: _builtins.bytes = ...,
+        metric: _builtins.str = ...,
+        index_generation: _builtins.int = ...,
+        features: Global___GetOnlineFeaturesResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["features", b"features"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "ids", b"ids", "index_generation", b"index_generation", "k", b"k", "metric", b"metric", "query_count", b"query_count", "scores", b"scores"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchSimilarResponse: _TypeAlias = SearchSimilarResponse  # noqa: Y015

@@ -40,6 +40,11 @@ class FeatureStoreStub:
                 request_serializer=featurestore_dot_v1_dot_featurestore__pb2.GetOnlineFeaturesRequest.SerializeToString,
                 response_deserializer=featurestore_dot_v1_dot_featurestore__pb2.GetOnlineFeaturesResponse.FromString,
                 _registered_method=True)
+        self.SearchSimilar = channel.unary_unary(
+                '/featurestore.v1.FeatureStore/SearchSimilar',
+                request_serializer=featurestore_dot_v1_dot_featurestore__pb2.SearchSimilarRequest.SerializeToString,
+                response_deserializer=featurestore_dot_v1_dot_featurestore__pb2.SearchSimilarResponse.FromString,
+                _registered_method=True)
 
 
 class FeatureStoreServicer:
@@ -52,6 +57,14 @@ class FeatureStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchSimilar(self, request, context):
+        """Nearest neighbours in an embedding view's index, by vectors or by entity ids, with
+        the neighbours' features (one Redis round trip) when asked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeatureStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +72,11 @@ def add_FeatureStoreServicer_to_server(servicer, server):
                     servicer.GetOnlineFeatures,
                     request_deserializer=featurestore_dot_v1_dot_featurestore__pb2.GetOnlineFeaturesRequest.FromString,
                     response_serializer=featurestore_dot_v1_dot_featurestore__pb2.GetOnlineFeaturesResponse.SerializeToString,
+            ),
+            'SearchSimilar': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchSimilar,
+                    request_deserializer=featurestore_dot_v1_dot_featurestore__pb2.SearchSimilarRequest.FromString,
+                    response_serializer=featurestore_dot_v1_dot_featurestore__pb2.SearchSimilarResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +106,33 @@ class FeatureStore:
             '/featurestore.v1.FeatureStore/GetOnlineFeatures',
             featurestore_dot_v1_dot_featurestore__pb2.GetOnlineFeaturesRequest.SerializeToString,
             featurestore_dot_v1_dot_featurestore__pb2.GetOnlineFeaturesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchSimilar(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurestore.v1.FeatureStore/SearchSimilar',
+            featurestore_dot_v1_dot_featurestore__pb2.SearchSimilarRequest.SerializeToString,
+            featurestore_dot_v1_dot_featurestore__pb2.SearchSimilarResponse.FromString,
             options,
             channel_credentials,
             insecure,

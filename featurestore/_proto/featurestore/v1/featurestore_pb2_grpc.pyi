@@ -40,12 +40,20 @@ class FeatureStoreStub:
     def __new__(cls, channel: _aio.Channel) -> FeatureStoreAsyncStub: ...
     GetOnlineFeatures: _grpc.UnaryUnaryMultiCallable[_featurestore_pb2.GetOnlineFeaturesRequest, _featurestore_pb2.GetOnlineFeaturesResponse]
     """Features of a batch of entities: one Redis round trip whatever the number of views."""
+    SearchSimilar: _grpc.UnaryUnaryMultiCallable[_featurestore_pb2.SearchSimilarRequest, _featurestore_pb2.SearchSimilarResponse]
+    """Nearest neighbours in an embedding view's index, by vectors or by entity ids, with
+    the neighbours' features (one Redis round trip) when asked.
+    """
 
 @_typing.type_check_only
 class FeatureStoreAsyncStub(FeatureStoreStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetOnlineFeatures: _aio.UnaryUnaryMultiCallable[_featurestore_pb2.GetOnlineFeaturesRequest, _featurestore_pb2.GetOnlineFeaturesResponse]  # type: ignore[assignment]
     """Features of a batch of entities: one Redis round trip whatever the number of views."""
+    SearchSimilar: _aio.UnaryUnaryMultiCallable[_featurestore_pb2.SearchSimilarRequest, _featurestore_pb2.SearchSimilarResponse]  # type: ignore[assignment]
+    """Nearest neighbours in an embedding view's index, by vectors or by entity ids, with
+    the neighbours' features (one Redis round trip) when asked.
+    """
 
 class FeatureStoreServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -55,5 +63,15 @@ class FeatureStoreServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_featurestore_pb2.GetOnlineFeaturesResponse, _abc.Awaitable[_featurestore_pb2.GetOnlineFeaturesResponse]]:
         """Features of a batch of entities: one Redis round trip whatever the number of views."""
+
+    @_abc_1.abstractmethod
+    def SearchSimilar(
+        self,
+        request: _featurestore_pb2.SearchSimilarRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_featurestore_pb2.SearchSimilarResponse, _abc.Awaitable[_featurestore_pb2.SearchSimilarResponse]]:
+        """Nearest neighbours in an embedding view's index, by vectors or by entity ids, with
+        the neighbours' features (one Redis round trip) when asked.
+        """
 
 def add_FeatureStoreServicer_to_server(servicer: FeatureStoreServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
