@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import redis.asyncio as aioredis
 
 from featurestore.config import MAX_ROWS_LIMIT
 from featurestore.errors import DeadlineExceeded, InvalidArgument
 from featurestore.registry import Registry, Selection
 from featurestore.store import keys
 from featurestore.store.layout import FORMAT_VERSION, HEADER_SIZE, DType
+from featurestore.store.pipe import RedisPipe
 from featurestore.store.redis import read_rows
 
 __all__ = [
@@ -355,14 +355,14 @@ class Lookup:
     """Serves feature lookups from Redis for the current registry.
 
     Parameters:
-        redis: an asyncio Redis client (store.redis.connect).
+        redis: the pipelined connection reads go through (store.pipe.RedisPipe).
         registry: the compiled registry; `swap` replaces it while serving.
         max_rows: entity rows allowed per request.
     """
 
     __slots__ = ("_max_rows", "_plans", "_redis", "_registry")
 
-    def __init__(self, redis: aioredis.Redis, registry: Registry, *,
+    def __init__(self, redis: RedisPipe, registry: Registry, *,
                  max_rows: int = MAX_ROWS_LIMIT) -> None:  # fmt: skip
         self._redis = redis
         self._registry = registry
@@ -376,8 +376,8 @@ class Lookup:
         return self._registry
 
     async def close(self) -> None:
-        """Close the Redis client's connections."""
-        await self._redis.aclose()
+        """Close the Redis connection."""
+        await self._redis.close()
 
     def swap(self, registry: Registry) -> bool:
         """Serve `registry` from now on if its fingerprint differs; True if swapped."""

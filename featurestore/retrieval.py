@@ -42,7 +42,6 @@ from featurestore.indexspec import IndexConfig, Vectors, set_faiss_threads
 from featurestore.registry import ViewDef
 from featurestore.store.keys import row_key
 from featurestore.store.layout import DType, decode_rows
-from featurestore.store.redis import read_rows
 
 __all__ = [
     "BuildStats",
@@ -408,7 +407,7 @@ async def scan_vectors(
 
     async def flush() -> None:
         nonlocal skipped
-        rows = decode_rows(view.layout, await read_rows(client, batch))
+        rows = decode_rows(view.layout, await _mget(client, batch))
         keep = rows.found & ~rows.nulls[:, index]
         if view.ttl_s:
             keep &= rows.event_ts_us + int(view.ttl_s * 1e6) >= now
@@ -444,3 +443,10 @@ async def scan_vectors(
     # SCAN may return a key twice (during a rehash): keep each entity once.
     unique_ids, first = np.unique(all_ids, return_index=True)
     return unique_ids, all_vectors[first]
+
+
+async def _mget(client: aioredis.Redis, keys: list[bytes]) -> list[bytes | None]:
+    try:
+        return await client.mget(keys)  # type: ignore[no-any-return]
+    except (RedisError, OSError) as exc:
+        raise Unavailable(f"Redis failed a read while building an index: {exc}") from exc

@@ -1,6 +1,7 @@
 """The online store's two operations on Redis: the one-round-trip read and the guarded write.
 
-Reads are one MGET for every key a request needs, whatever the number of views.
+Reads are one MGET for every key a request needs, whatever the number of views, sent on
+a pipelined connection (store/pipe.py).
 Writes go through `GUARDED_SET`, a server-side script that compares event timestamps in
 the same round trip, so an older row never overwrites a newer one (a backfill can run at
 any time). Redis errors are translated here into `Unavailable`.
@@ -17,6 +18,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from featurestore.errors import Unavailable
+from featurestore.store.pipe import RedisPipe
 
 __all__ = ["GUARDED_SET", "WriteCounts", "connect", "guarded_write", "read_rows"]
 
@@ -61,49 +63,9 @@ def connect(url: str, *, timeout_s: float = 2.0, max_connections: int = 64) -> a
     )
 
 
-async def read_rows(client: aioredis.Redis, keys: Sequence[bytes]) -> list[bytes | None]:
-    """Fetch the rows at `keys` in one round trip; None where a key is absent."""
-    try:
-        return await _mget(client, keys)
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-        raise Unavailable(f"Redis is unreachable: {exc}") from exc
-    except RedisError as exc:
-        raise Unavailable(f"Redis failed the read: {exc}") from exc
-
-
-async def _mget(client: aioredis.Redis, keys: Sequence[bytes]) -> list[bytes | None]:
-    """MGET with the command packed by hiredis, in C.
-
-    redis-py packs commands in Python, one `Encoder.encode` per argument: for the
-    hundreds of keys of a batched lookup that was the server's largest CPU cost.
-    """
-    pool = client.connection_pool
-    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-    try:
-        await conn.send_packed_command(_pack_mget(keys), check_health=False)
-        return await conn.read_response()  # type: ignore[no-any-return]
-    except BaseException:
-        # A reply left half read (error, timeout, cancellation) must never reach the
-        # next user of this connection.
-        await conn.disconnect()
-        raise
-    finally:
-        await pool.release(conn)
-
-
-def _pack_mget(keys: Sequence[bytes]) -> bytes:
-    if _hiredis_pack is not None:
-        return _hiredis_pack((b"MGET", *keys))  # type: ignore[no-any-return]
-    parts = [b"*%d\r\n$4\r\nMGET\r\n" % (len(keys) + 1)]
-    parts += [b"$%d\r\n%s\r\n" % (len(k), k) for k in keys]
-    return b"".join(parts)
-
-
-_hiredis_pack: Any
-try:
-    from hiredis import pack_command as _hiredis_pack
-except ImportError:  # redis-py works without hiredis; so does this, more slowly
-    _hiredis_pack = None
+async def read_rows(pipe: RedisPipe, keys: Sequence[bytes]) -> list[bytes | None]:
+    """Fetch the rows at `keys` in one round trip (MGET); None where a key is absent."""
+    return await pipe.execute(b"MGET", *keys)  # type: ignore[no-any-return]
 
 
 class WriteCounts:
