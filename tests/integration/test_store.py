@@ -137,3 +137,18 @@ async def test_the_pipe_selects_its_database(redis_url: str) -> None:
     await client.delete(b"in-db-3")
     await client.aclose()
     await pipe.close()
+
+
+def test_the_pipe_works_on_uvloop(redis_url: str) -> None:
+    """The server runs on uvloop, whose transports are not asyncio.Transport subclasses."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def read() -> list[bytes | None]:
+        pipe = RedisPipe.from_url(redis_url)
+        try:
+            return await read_rows(pipe, [b"nothing-here"])
+        finally:
+            await pipe.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(read()) == [None]
