@@ -30,6 +30,7 @@ from tqdm import tqdm  # type: ignore[import-untyped]
 
 from featurestore.errors import ConfigError, Unavailable
 from featurestore.registry import Registry, ViewDef, load_registry
+from featurestore.store.events import publish_written
 from materialize import source
 from materialize.plan import Window, backfill_windows, incremental_windows, to_datetime, to_us
 from materialize.sink import Counts, SinkOptions, connect, write_through
@@ -127,12 +128,15 @@ async def run(settings: Settings) -> Summary:
             async with RunLock(client, registry.project, settings.lock_ttl_s) as lock:
                 windows = await _windows(client, registry.project, views, settings)
                 for window in windows:
-                    summary.counts.add(await _materialize(client, conn, registry, window, settings))
+                    counts = await _materialize(client, conn, registry, window, settings)
+                    summary.counts.add(counts)
                     lock.check()
                     if window.advances_watermark:
                         await advance_watermark(
                             client, registry.project, window.view.name, window.end_us
                         )
+                    if counts.written:  # servers refresh what they derive (retrieval indexes)
+                        await publish_written(client, registry.project, [window.view.name])
         finally:
             await conn.close(timeout=5)
     finally:

@@ -10,7 +10,8 @@ where <entity> is the entity's join-key values in the view's join-key order, joi
 Cluster hash tag: every view of one entity hashes to the same slot, so one entity's rows
 are read from one node.
 
-Bookkeeping lives under `<project>:__meta__:...` (watermarks, the run lock, layouts).
+Bookkeeping lives under `<project>:__meta__:...` (watermarks, the run lock, layouts);
+`<project>:__meta__:events` is the pub/sub channel of materialization events.
 
     >>> row_key("recsys", "user_profile", entity_token([42]))
     b'recsys:user_profile:{42}'
@@ -24,6 +25,7 @@ from typing import cast
 __all__ = [
     "entity_token",
     "entity_tokens",
+    "events_channel",
     "lock_key",
     "meta_key",
     "row_key",
@@ -76,3 +78,8 @@ def watermark_key(project: str, view: str) -> bytes:
 
 def lock_key(project: str, name: str = "materialize") -> bytes:
     return meta_key(project, "lock", name)
+
+
+def events_channel(project: str) -> bytes:
+    """The pub/sub channel on which materialization announces the views it wrote."""
+    return meta_key(project, "events")
