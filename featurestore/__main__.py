@@ -44,6 +44,19 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-rows", type=int, default=10_000)
     serve.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: off)")
     serve.add_argument("--grace-s", type=float, default=5.0)
+    serve.add_argument(
+        "--index-refresh-s",
+        type=float,
+        default=300.0,
+        help="re-check retrieval indexes against Redis this often (0: never)",
+    )
+    serve.add_argument(
+        "--index-exact-max",
+        type=int,
+        default=50_000,
+        help="embedding views smaller than this get an exact index",
+    )
+    serve.add_argument("--index-approximate", choices=("hnsw", "ivf"), default="hnsw")
     serve.set_defaults(func=_serve)
     demo = commands.add_parser(
         "demo", help="the quick start: embedded Redis and PostgreSQL, demo data, server, lookup"
@@ -61,6 +74,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         workers=args.workers, registry_refresh_s=args.registry_refresh_s,
         redis_timeout_s=args.redis_timeout_s, max_rows=args.max_rows,
         metrics_port=args.metrics_port, grace_s=args.grace_s,
+        index_refresh_s=args.index_refresh_s, index_exact_max=args.index_exact_max,
+        index_approximate=args.index_approximate,
     )  # fmt: skip
 
 

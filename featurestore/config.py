@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from featurestore.errors import ConfigError
@@ -46,6 +47,11 @@ class Settings:
         redis_timeout_s: socket timeout of every Redis call, float seconds.
         metrics_port: Prometheus /metrics HTTP port (0: none).
         grace_s: how long in-flight calls may finish after SIGTERM, float seconds.
+        index_refresh_s: how often every retrieval index is re-checked against the
+            store, float seconds, in case a materialization event was lost (0: never).
+        index_exact_max: an embedding view with fewer vectors gets an exact (flat)
+            index; at and above, `index_approximate`.
+        index_approximate: "hnsw" or "ivf".
     """
 
     repo: Path
@@ -58,6 +64,9 @@ class Settings:
     redis_timeout_s: float = 1.0
     metrics_port: int = 0
     grace_s: float = 5.0
+    index_refresh_s: float = 300.0
+    index_exact_max: int = 50_000
+    index_approximate: Literal["hnsw", "ivf"] = "hnsw"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "repo", Path(self.repo))
@@ -73,7 +82,12 @@ class Settings:
         _check_range("max_rows", self.max_rows, 1, MAX_ROWS_LIMIT)
         if self.workers > 1 and self.port == 0:
             raise ConfigError("workers > 1 share one port: give an explicit --port, not 0")
-        for name in ("registry_refresh_s", "redis_timeout_s", "grace_s"):
+        _check_range("index_exact_max", self.index_exact_max, 1, 2**62)
+        if self.index_approximate not in ("hnsw", "ivf"):
+            raise ConfigError(
+                f"index_approximate must be hnsw or ivf, not {self.index_approximate!r}"
+            )
+        for name in ("registry_refresh_s", "redis_timeout_s", "grace_s", "index_refresh_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 seconds, not {getattr(self, name)}")
         if self.redis_timeout_s == 0:
@@ -85,7 +99,9 @@ class Settings:
             f" host={self.host!r}, port={self.port}, workers={self.workers},"
             f" registry_refresh_s={self.registry_refresh_s}, max_rows={self.max_rows},"
             f" redis_timeout_s={self.redis_timeout_s}, metrics_port={self.metrics_port},"
-            f" grace_s={self.grace_s})"
+            f" grace_s={self.grace_s}, index_refresh_s={self.index_refresh_s},"
+            f" index_exact_max={self.index_exact_max},"
+            f" index_approximate={self.index_approximate!r})"
         )
 
     @property

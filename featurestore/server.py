@@ -29,10 +29,13 @@ from featurestore import metrics
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
 from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
 from featurestore.config import Settings
-from featurestore.errors import ConfigError, InvalidArgument
+from featurestore.errors import ConfigError, InvalidArgument, Unavailable
+from featurestore.indexes import ViewIndexes
+from featurestore.indexspec import IndexConfig
 from featurestore.interceptors import ErrorInterceptor
 from featurestore.lookup import Lookup, LookupResult
 from featurestore.registry import load_registry
+from featurestore.search import search_similar
 from featurestore.store.layout import DType
 from featurestore.store.pipe import RedisPipe
 from featurestore.store.redis import connect
@@ -48,11 +51,14 @@ _VALUE_TYPES = {dtype: pb.ValueType.Value(f"VALUE_TYPE_{dtype.name}") for dtype 
 
 
 class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
-    """Translates GetOnlineFeatures between protobuf and `Lookup`."""
+    """Translates GetOnlineFeatures between protobuf and `Lookup`, and SearchSimilar
+    between protobuf and `search.search_similar`."""
 
-    def __init__(self, lookup: Lookup, redis_timeout_s: float) -> None:
+    def __init__(self, lookup: Lookup, redis_timeout_s: float,
+                 indexes: ViewIndexes | None = None) -> None:  # fmt: skip
         self._lookup = lookup
         self._redis_timeout_s = redis_timeout_s
+        self._indexes = indexes
 
     async def GetOnlineFeatures(
         self, request: pb.GetOnlineFeaturesRequest, context: aio.ServicerContext[Any, Any]
@@ -75,6 +81,33 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
         metrics.STAGE_DECODE.observe(decode_s)
         metrics.STAGE_RESPONSE.observe(time.perf_counter() - start)
         return response
+
+    async def SearchSimilar(
+        self, request: pb.SearchSimilarRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.SearchSimilarResponse:
+        if self._indexes is None:
+            raise Unavailable("this server has no retrieval indexes")
+        query = request.WhichOneof("query")
+        remaining = context.time_remaining()
+        result = await search_similar(
+            self._indexes, self._lookup, request.view, k=request.k,
+            query_vectors=request.query_vectors if query == "query_vectors" else None,
+            query_count=request.query_count,
+            query_ids=request.query_ids if query == "query_ids" else None,
+            exclude_query_entity=request.exclude_query_entity,
+            allow_ids=request.allow_ids if request.HasField("allow_ids") else None,
+            exclude_ids=request.exclude_ids, features=list(request.features),
+            full_feature_names=request.full_feature_names,
+            timeout_s=remaining if remaining is not None and remaining < self._redis_timeout_s
+            else None,
+        )  # fmt: skip
+        q, k = result.ids.shape
+        return pb.SearchSimilarResponse(
+            query_count=q, k=k, ids=result.ids.astype("<i8", copy=False).tobytes(),
+            scores=result.scores.astype("<f4", copy=False).tobytes(), metric=result.metric,
+            index_generation=result.generation,
+            features=None if result.features is None else _response(result.features),
+        )  # fmt: skip
 
 
 def _entities(columns: Sequence[pb.EntityColumn]) -> dict[str, Sequence[Any]]:
@@ -119,6 +152,7 @@ class FeatureServer:
         self.settings = settings
         self.health = health.aio.HealthServicer()
         self.lookup: Lookup | None = None
+        self.indexes: ViewIndexes | None = None
         self.redis: Redis | None = None
         self.port = 0
         self._server: aio.Server | None = None
@@ -136,6 +170,9 @@ class FeatureServer:
         redis = self.redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
         pipe = RedisPipe.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
         self.lookup = Lookup(pipe, registry, max_rows=settings.max_rows)
+        self.indexes = ViewIndexes(registry, settings.redis_url, _index_config(settings),
+                                   refresh_s=settings.index_refresh_s)  # fmt: skip
+        self.indexes.start()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server = self._build_server(self.lookup)
         self.port = self._server.add_insecure_port(settings.address)
@@ -155,7 +192,7 @@ class FeatureServer:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
         server = aio.server(interceptors=[ErrorInterceptor()], options=options)
-        servicer = FeatureStoreServicer(lookup, self.settings.redis_timeout_s)
+        servicer = FeatureStoreServicer(lookup, self.settings.redis_timeout_s, self.indexes)
         pb_grpc.add_FeatureStoreServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -177,6 +214,8 @@ class FeatureServer:
                 log.warning("Redis does not answer PING yet (%s); retrying", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+        if self.indexes is not None:  # readiness includes every embedding view's index
+            await self.indexes.wait_ready()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def reload(self) -> bool:
@@ -186,6 +225,8 @@ class FeatureServer:
         swapped = self.lookup.swap(registry)
         if swapped:
             log.info("registry changed: now serving fingerprint %s", registry.fingerprint)
+            if self.indexes is not None:
+                self.indexes.sync(registry)
         return swapped
 
     async def _refresh_forever(self) -> None:
@@ -210,12 +251,19 @@ class FeatureServer:
             self._server = None
         if self.lookup is not None:
             await self.lookup.close()
+        if self.indexes is not None:
+            await self.indexes.close()
         if self.redis is not None:
             await self.redis.aclose()
 
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _index_config(settings: Settings) -> IndexConfig:
+    return IndexConfig(exact_max=settings.index_exact_max,
+                       approximate=settings.index_approximate)  # fmt: skip
 
 
 async def run(settings: Settings) -> None:
