@@ -18,7 +18,7 @@ import itertools
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import grpc
 import numpy as np
@@ -37,7 +37,7 @@ from featurestore.errors import (
     Unavailable,
 )
 
-__all__ = ["AsyncClient", "Client", "OnlineFeatures"]
+__all__ = ["AsyncClient", "Client", "Neighbours", "OnlineFeatures"]
 
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _OPTIONS = [
@@ -189,6 +189,61 @@ def _request(entities: Mapping[str, Any], features: Sequence[str] | str,
                                        full_feature_names=full_feature_names)  # fmt: skip
 
 
+class Neighbours(NamedTuple):
+    """The result of `search_similar`.
+
+    ids: (queries, k) int64 entity ids, nearest first; -1 where fewer than k were found.
+    scores: (queries, k) float32: cosine similarity or inner product (higher is nearer)
+        or squared L2 distance (lower is nearer), by the view's metric.
+    features: the neighbours' features when asked (one row per entry of `ids.ravel()`;
+        rows of -1 ids are NOT_FOUND), else None.
+    """
+
+    ids: npt.NDArray[np.int64]
+    scores: npt.NDArray[np.float32]
+    features: OnlineFeatures | None
+
+
+def _search_request(view: str, vectors: Any, ids: Any, k: int, exclude_query: bool,
+                    allow_ids: Any, exclude_ids: Any, features: Sequence[str] | str | None,
+                    full_feature_names: bool) -> pb.SearchSimilarRequest:  # fmt: skip
+    if (vectors is None) == (ids is None):
+        raise InvalidArgument("pass exactly one of vectors= and ids=")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < 2**32:
+        raise InvalidArgument(f"k={k!r} is out of range: ask for 1 to 1000 neighbours")
+    refs = [] if features is None else [features] if isinstance(features, str) else list(features)
+    request = pb.SearchSimilarRequest(
+        view=view, k=k, exclude_query_entity=exclude_query, features=refs,
+        full_feature_names=full_feature_names,
+        exclude_ids=b"" if exclude_ids is None else _packed_ids(exclude_ids),
+    )  # fmt: skip
+    if vectors is not None:
+        array = np.asarray(vectors, dtype="<f4")
+        array = array.reshape(1, -1) if array.ndim == 1 else array
+        request.query_vectors = np.ascontiguousarray(array).tobytes()
+        request.query_count = array.shape[0] if array.ndim == 2 else 0
+    else:
+        request.query_ids = _packed_ids(ids)
+    if allow_ids is not None:
+        request.allow_ids = _packed_ids(allow_ids)
+    return request
+
+
+def _packed_ids(ids: Any) -> bytes:
+    array = np.asarray(ids)
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise InvalidArgument(f"entity ids must be integers, got dtype {array.dtype}")
+    return np.ascontiguousarray(array.reshape(-1), dtype="<i8").tobytes()
+
+
+def _neighbours(response: pb.SearchSimilarResponse) -> Neighbours:
+    shape = (response.query_count, response.k)
+    ids = np.frombuffer(response.ids, dtype="<i8").reshape(shape)
+    scores = np.frombuffer(response.scores, dtype="<f4").reshape(shape)
+    features = OnlineFeatures(response.features) if response.HasField("features") else None
+    return Neighbours(ids, scores, features)
+
+
 def _error(exc: grpc.RpcError) -> FeatureStoreError:
     code, details = exc.code(), exc.details()
     return _ERRORS.get(code, FeatureStoreError)(f"{code.name}: {details}")
@@ -237,6 +292,44 @@ class Client:
         except grpc.RpcError as exc:
             raise _error(exc) from exc
         return OnlineFeatures(response)
+
+    def search_similar(
+        self,
+        view: str,
+        vectors: npt.ArrayLike | None = None,
+        ids: Sequence[int] | npt.NDArray[np.integer[Any]] | None = None,
+        k: int = 10,
+        *,
+        exclude_query: bool = False,
+        allow_ids: Sequence[int] | npt.NDArray[np.integer[Any]] | None = None,
+        exclude_ids: Sequence[int] | npt.NDArray[np.integer[Any]] | None = None,
+        features: Sequence[str] | str | None = None,
+        full_feature_names: bool = False,
+        timeout_s: float | None = None,
+    ) -> Neighbours:
+        """The k nearest entities of embedding view `view` to each query.
+
+        Parameters:
+            view: an embedding view, e.g. "item_embedding".
+            vectors: (queries, dim) or (dim,) query vectors; or
+            ids: entity ids whose stored embeddings are the queries.
+            k: neighbours per query, 1 to 1,000.
+            exclude_query: with `ids`, an entity is never its own neighbour.
+            allow_ids: only these ids may be returned; exclude_ids: never these.
+            features: the neighbours' features to return ("view:feature", "view" or a
+                service), looked up in the same call.
+            timeout_s: this call's deadline (default: the client's).
+
+        >>> client.search_similar("item_embedding", ids=[42], k=5, exclude_query=True)
+        ... # doctest: +SKIP
+        """
+        request = _search_request(view, vectors, ids, k, exclude_query, allow_ids,
+                                  exclude_ids, features, full_feature_names)  # fmt: skip
+        try:
+            response = self._stub.SearchSimilar(request, timeout=timeout_s or self._timeout_s)
+        except grpc.RpcError as exc:
+            raise _error(exc) from exc
+        return _neighbours(response)
 
     def wait_until_serving(self, timeout_s: float = 30.0) -> None:
         """Block until the server's health check answers SERVING; Unavailable on timeout."""
@@ -299,6 +392,29 @@ class AsyncClient:
         except grpc.RpcError as exc:
             raise _error(exc) from exc
         return OnlineFeatures(response)
+
+    async def search_similar(
+        self,
+        view: str,
+        vectors: npt.ArrayLike | None = None,
+        ids: Sequence[int] | npt.NDArray[np.integer[Any]] | None = None,
+        k: int = 10,
+        *,
+        exclude_query: bool = False,
+        allow_ids: Sequence[int] | npt.NDArray[np.integer[Any]] | None = None,
+        exclude_ids: Sequence[int] | npt.NDArray[np.integer[Any]] | None = None,
+        features: Sequence[str] | str | None = None,
+        full_feature_names: bool = False,
+        timeout_s: float | None = None,
+    ) -> Neighbours:
+        """The k nearest entities of `view` to each query; see `Client.search_similar`."""
+        request = _search_request(view, vectors, ids, k, exclude_query, allow_ids,
+                                  exclude_ids, features, full_feature_names)  # fmt: skip
+        try:
+            response = await self._stub.SearchSimilar(request, timeout=timeout_s or self._timeout_s)
+        except grpc.RpcError as exc:
+            raise _error(exc) from exc
+        return _neighbours(response)
 
     async def wait_until_serving(self, timeout_s: float = 30.0) -> None:
         """Wait until the server's health check answers SERVING; Unavailable on timeout."""
