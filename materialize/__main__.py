@@ -50,26 +50,41 @@ def _parser() -> argparse.ArgumentParser:
         prog="featurestore-materialize",
         description="Copy the latest feature values from PostgreSQL into Redis.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0)
-    parser.add_argument("--repo", type=Path, default=Path("feature_repo"), help="Feast repo")
-    parser.add_argument(
-        "--redis",
-        default=os.environ.get("FEATURESTORE_REDIS_URL", "redis://127.0.0.1:6379/0"),
-        help="Redis URL (default: $FEATURESTORE_REDIS_URL or redis://127.0.0.1:6379/0)",
-    )
-    parser.add_argument("--dsn", help="PostgreSQL DSN (default: the repo's offline_store)")
-    parser.add_argument("--views", default="", help="comma-separated views (default: all)")
-    parser.add_argument("--batch-rows", type=int, default=1000, help="rows per script call")
-    parser.add_argument("--expiry-grace-s", type=float, default=86_400.0,
-                        help="Redis keeps rows this long past their view's TTL")  # fmt: skip
-    parser.add_argument("--lock-ttl-s", type=float, default=30.0,
-                        help="how long the run lock outlives a run that died")  # fmt: skip
+    _options(parser)
     modes = parser.add_subparsers(dest="mode", required=True)
-    modes.add_parser("incremental", help="each view from its watermark up to now")
-    backfill = modes.add_parser("backfill", help="a given window; watermarks stay")
+    # The options are accepted after the mode too (`incremental --views a`); there they
+    # default to SUPPRESS so that an option given before the mode is not overwritten.
+    after = argparse.ArgumentParser(add_help=False)
+    _options(after, defaults=False)
+    modes.add_parser("incremental", parents=[after],
+                     help="each view from its watermark up to now")  # fmt: skip
+    backfill = modes.add_parser("backfill", parents=[after],
+                                help="a given window; watermarks stay")  # fmt: skip
     backfill.add_argument("--start", type=_moment, required=True, help="ISO time, inclusive")
     backfill.add_argument("--end", type=_moment, required=True, help="ISO time, exclusive")
     return parser
+
+
+def _options(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    redis_url = os.environ.get("FEATURESTORE_REDIS_URL", "redis://127.0.0.1:6379/0")
+    parser.add_argument("-v", "--verbose", action="count", default=default(0))
+    parser.add_argument("--repo", type=Path, default=default(Path("feature_repo")),
+                        help="Feast repo (default: feature_repo)")  # fmt: skip
+    parser.add_argument("--redis", default=default(redis_url),
+                        help="Redis URL (default: $FEATURESTORE_REDIS_URL or local)")  # fmt: skip
+    parser.add_argument("--dsn", default=default(None),
+                        help="PostgreSQL DSN (default: the repo's offline_store)")  # fmt: skip
+    parser.add_argument("--views", default=default(""),
+                        help="comma-separated views (default: all)")  # fmt: skip
+    parser.add_argument("--batch-rows", type=int, default=default(1000),
+                        help="rows per script call")  # fmt: skip
+    parser.add_argument("--expiry-grace-s", type=float, default=default(86_400.0),
+                        help="Redis keeps rows this long past their view's TTL")  # fmt: skip
+    parser.add_argument("--lock-ttl-s", type=float, default=default(30.0),
+                        help="how long the run lock outlives a run that died")  # fmt: skip
 
 
 def _settings(args: argparse.Namespace) -> Settings:
