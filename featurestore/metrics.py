@@ -4,6 +4,10 @@
     featurestore_stage_seconds{stage}           histogram per stage: plan, redis, decode,
                                                 response (proto building)
     featurestore_requests_total{method, code}   calls by gRPC status code
+    featurestore_inference_stage_seconds{stage} Predict/Rank stages: queue, redis, decode,
+                                                retrieval, matrix, model, serialization, total
+    featurestore_inference_batch_rows           rows per model batch
+    featurestore_inference_batch_requests       calls per model batch
 
 Label children are bound once at import: `labels()` on the hot path costs a dict lookup
 and a lock each call.
@@ -14,6 +18,16 @@ from __future__ import annotations
 from prometheus_client import Counter, Histogram, start_http_server
 
 __all__ = [
+    "INFERENCE_BATCH_REQUESTS",
+    "INFERENCE_BATCH_ROWS",
+    "INFERENCE_DECODE",
+    "INFERENCE_MATRIX",
+    "INFERENCE_MODEL",
+    "INFERENCE_QUEUE",
+    "INFERENCE_REDIS",
+    "INFERENCE_RETRIEVAL",
+    "INFERENCE_SERIALIZATION",
+    "INFERENCE_TOTAL",
     "REQUESTS",
     "REQUEST_SECONDS",
     "STAGE_DECODE",
@@ -45,6 +59,26 @@ STAGE_PLAN = STAGE_SECONDS.labels("plan")
 STAGE_REDIS = STAGE_SECONDS.labels("redis")
 STAGE_DECODE = STAGE_SECONDS.labels("decode")
 STAGE_RESPONSE = STAGE_SECONDS.labels("response")
+
+INFERENCE_STAGE_SECONDS = Histogram(
+    "featurestore_inference_stage_seconds", "Time per Predict/Rank stage, in seconds.",
+    ["stage"], buckets=_BUCKETS,
+)  # fmt: skip
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+INFERENCE_BATCH_ROWS = Histogram(
+    "featurestore_inference_batch_rows", "Rows per model batch.", buckets=_BATCH_BUCKETS
+)
+INFERENCE_BATCH_REQUESTS = Histogram(
+    "featurestore_inference_batch_requests", "Calls per model batch.", buckets=_BATCH_BUCKETS
+)
+INFERENCE_QUEUE = INFERENCE_STAGE_SECONDS.labels("queue")
+INFERENCE_REDIS = INFERENCE_STAGE_SECONDS.labels("redis")
+INFERENCE_DECODE = INFERENCE_STAGE_SECONDS.labels("decode")
+INFERENCE_RETRIEVAL = INFERENCE_STAGE_SECONDS.labels("retrieval")
+INFERENCE_MATRIX = INFERENCE_STAGE_SECONDS.labels("matrix")
+INFERENCE_MODEL = INFERENCE_STAGE_SECONDS.labels("model")
+INFERENCE_SERIALIZATION = INFERENCE_STAGE_SECONDS.labels("serialization")
+INFERENCE_TOTAL = INFERENCE_STAGE_SECONDS.labels("total")
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0") -> None:

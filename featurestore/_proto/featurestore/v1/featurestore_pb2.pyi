@@ -387,3 +387,312 @@ class SearchSimilarResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SearchSimilarResponse: _TypeAlias = SearchSimilarResponse  # noqa: Y015
+
+@_typing.final
+class RequestColumn(_message.Message):
+    """A request-time model input (declared under `request:` in models.yaml): n values, or 1
+    for every row. Exactly one list is set, of the type the model declares.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FLOAT_VALUES_FIELD_NUMBER: _builtins.int
+    INT64_VALUES_FIELD_NUMBER: _builtins.int
+    BOOL_VALUES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def float_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def int64_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def bool_values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        float_values: _abc.Iterable[_builtins.float] | None = ...,
+        int64_values: _abc.Iterable[_builtins.int] | None = ...,
+        bool_values: _abc.Iterable[_builtins.bool] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bool_values", b"bool_values", "float_values", b"float_values", "int64_values", b"int64_values", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestColumn: _TypeAlias = RequestColumn  # noqa: Y015
+
+@_typing.final
+class LatencyBreakdown(_message.Message):
+    """Where a call's time went, server side, in microseconds. Batch-level stages (redis,
+    decode, matrix, model) are those of the batch the call was scored in.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_REQUESTS_FIELD_NUMBER: _builtins.int
+    BATCH_ROWS_FIELD_NUMBER: _builtins.int
+    QUEUE_US_FIELD_NUMBER: _builtins.int
+    REDIS_US_FIELD_NUMBER: _builtins.int
+    DECODE_US_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_US_FIELD_NUMBER: _builtins.int
+    MATRIX_US_FIELD_NUMBER: _builtins.int
+    MODEL_US_FIELD_NUMBER: _builtins.int
+    SERIALIZATION_US_FIELD_NUMBER: _builtins.int
+    TOTAL_US_FIELD_NUMBER: _builtins.int
+    batch_requests: _builtins.int
+    """calls scored in the same model run"""
+    batch_rows: _builtins.int
+    """rows of that run"""
+    queue_us: _builtins.float
+    """waiting for the batcher and, once fetched, for the model"""
+    redis_us: _builtins.float
+    decode_us: _builtins.float
+    retrieval_us: _builtins.float
+    """Rank with retrieval only"""
+    matrix_us: _builtins.float
+    model_us: _builtins.float
+    serialization_us: _builtins.float
+    total_us: _builtins.float
+    """from the call's arrival to its response built"""
+    def __init__(
+        self,
+        *,
+        batch_requests: _builtins.int = ...,
+        batch_rows: _builtins.int = ...,
+        queue_us: _builtins.float = ...,
+        redis_us: _builtins.float = ...,
+        decode_us: _builtins.float = ...,
+        retrieval_us: _builtins.float = ...,
+        matrix_us: _builtins.float = ...,
+        model_us: _builtins.float = ...,
+        serialization_us: _builtins.float = ...,
+        total_us: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_requests", b"batch_requests", "batch_rows", b"batch_rows", "decode_us", b"decode_us", "matrix_us", b"matrix_us", "model_us", b"model_us", "queue_us", b"queue_us", "redis_us", b"redis_us", "retrieval_us", b"retrieval_us", "serialization_us", b"serialization_us", "total_us", b"total_us"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LatencyBreakdown: _TypeAlias = LatencyBreakdown  # noqa: Y015
+
+@_typing.final
+class InputStatuses(_message.Message):
+    """The statuses of one model input, one FieldStatus byte per row; listed only for inputs
+    with at least one row not PRESENT (those rows took the input's fill value).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INPUT_FIELD_NUMBER: _builtins.int
+    STATUSES_FIELD_NUMBER: _builtins.int
+    input: _builtins.str
+    """"view:feature" or "request:name" """
+    statuses: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        input: _builtins.str = ...,
+        statuses: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input", b"input", "statuses", b"statuses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputStatuses: _TypeAlias = InputStatuses  # noqa: Y015
+
+@_typing.final
+class PredictRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    ENTITIES_FIELD_NUMBER: _builtins.int
+    REQUEST_VALUES_FIELD_NUMBER: _builtins.int
+    RETURN_BREAKDOWN_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    return_breakdown: _builtins.bool
+    @_builtins.property
+    def entities(self) -> _containers.RepeatedCompositeFieldContainer[Global___EntityColumn]:
+        """As GetOnlineFeaturesRequest.entities, but a column may hold 1 value for every row
+        (one user scored against n items: user_id [7], item_id [n ids]). 1 to 10,000 rows.
+        """
+
+    @_builtins.property
+    def request_values(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestColumn]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        entities: _abc.Iterable[Global___EntityColumn] | None = ...,
+        request_values: _abc.Iterable[Global___RequestColumn] | None = ...,
+        return_breakdown: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "model", b"model", "request_values", b"request_values", "return_breakdown", b"return_breakdown"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PredictRequest: _TypeAlias = PredictRequest  # noqa: Y015
+
+@_typing.final
+class PredictResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROW_COUNT_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    STATUSES_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    BREAKDOWN_FIELD_NUMBER: _builtins.int
+    row_count: _builtins.int
+    scores: _builtins.bytes
+    """row_count x float32, little-endian"""
+    model_version: _builtins.str
+    """the start of the model file's SHA-256"""
+    @_builtins.property
+    def statuses(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputStatuses]: ...
+    @_builtins.property
+    def breakdown(self) -> Global___LatencyBreakdown:
+        """when asked"""
+
+    def __init__(
+        self,
+        *,
+        row_count: _builtins.int = ...,
+        scores: _builtins.bytes = ...,
+        statuses: _abc.Iterable[Global___InputStatuses] | None = ...,
+        model_version: _builtins.str = ...,
+        breakdown: Global___LatencyBreakdown | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "model_version", b"model_version", "row_count", b"row_count", "scores", b"scores", "statuses", b"statuses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PredictResponse: _TypeAlias = PredictResponse  # noqa: Y015
+
+@_typing.final
+class Retrieval(_message.Message):
+    """Candidates from an embedding view's index: the n nearest to a query vector, or to the
+    mean embedding of seed items.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VIEW_FIELD_NUMBER: _builtins.int
+    QUERY_VECTOR_FIELD_NUMBER: _builtins.int
+    SEED_IDS_FIELD_NUMBER: _builtins.int
+    N_CANDIDATES_FIELD_NUMBER: _builtins.int
+    KEEP_SEEDS_FIELD_NUMBER: _builtins.int
+    view: _builtins.str
+    """default: the model's retrieval_view"""
+    query_vector: _builtins.bytes
+    """dim x float32 LE"""
+    seed_ids: _builtins.bytes
+    """int64 LE; their mean embedding is the query"""
+    n_candidates: _builtins.int
+    """1 to 1,000"""
+    keep_seeds: _builtins.bool
+    """seed items may be candidates (default: left out)"""
+    def __init__(
+        self,
+        *,
+        view: _builtins.str = ...,
+        query_vector: _builtins.bytes = ...,
+        seed_ids: _builtins.bytes = ...,
+        n_candidates: _builtins.int = ...,
+        keep_seeds: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["query", b"query", "query_vector", b"query_vector", "seed_ids", b"seed_ids"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_seeds", b"keep_seeds", "n_candidates", b"n_candidates", "query", b"query", "query_vector", b"query_vector", "seed_ids", b"seed_ids", "view", b"view"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_query: _TypeAlias = _typing.Literal["query_vector", "seed_ids"]  # noqa: Y015
+    _WhichOneofArgType_query: _TypeAlias = _typing.Literal["query", b"query"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_query) -> _WhichOneofReturnType_query | None: ...
+
+Global___Retrieval: _TypeAlias = Retrieval  # noqa: Y015
+
+@_typing.final
+class RankRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    ENTITIES_FIELD_NUMBER: _builtins.int
+    CANDIDATE_IDS_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_FIELD_NUMBER: _builtins.int
+    TOP_N_FIELD_NUMBER: _builtins.int
+    REQUEST_VALUES_FIELD_NUMBER: _builtins.int
+    RETURN_BREAKDOWN_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    candidate_ids: _builtins.bytes
+    """int64 LE ids of the model's candidate_key (1 to 10,000)"""
+    top_n: _builtins.int
+    return_breakdown: _builtins.bool
+    @_builtins.property
+    def entities(self) -> _containers.RepeatedCompositeFieldContainer[Global___EntityColumn]:
+        """The context: one value per column (e.g. user_id), shared by every candidate."""
+
+    @_builtins.property
+    def retrieval(self) -> Global___Retrieval: ...
+    @_builtins.property
+    def request_values(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestColumn]: ...
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        entities: _abc.Iterable[Global___EntityColumn] | None = ...,
+        candidate_ids: _builtins.bytes = ...,
+        retrieval: Global___Retrieval | None = ...,
+        top_n: _builtins.int = ...,
+        request_values: _abc.Iterable[Global___RequestColumn] | None = ...,
+        return_breakdown: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["candidate_ids", b"candidate_ids", "candidates", b"candidates", "retrieval", b"retrieval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_ids", b"candidate_ids", "candidates", b"candidates", "entities", b"entities", "model", b"model", "request_values", b"request_values", "retrieval", b"retrieval", "return_breakdown", b"return_breakdown", "top_n", b"top_n"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_candidates: _TypeAlias = _typing.Literal["candidate_ids", "retrieval"]  # noqa: Y015
+    _WhichOneofArgType_candidates: _TypeAlias = _typing.Literal["candidates", b"candidates"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_candidates) -> _WhichOneofReturnType_candidates | None: ...
+
+Global___RankRequest: _TypeAlias = RankRequest  # noqa: Y015
+
+@_typing.final
+class RankResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    CANDIDATE_COUNT_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    BREAKDOWN_FIELD_NUMBER: _builtins.int
+    ids: _builtins.bytes
+    """min(top_n, candidates) x int64 LE, best first"""
+    scores: _builtins.bytes
+    """the same count x float32 LE"""
+    candidate_count: _builtins.int
+    model_version: _builtins.str
+    @_builtins.property
+    def breakdown(self) -> Global___LatencyBreakdown: ...
+    def __init__(
+        self,
+        *,
+        ids: _builtins.bytes = ...,
+        scores: _builtins.bytes = ...,
+        candidate_count: _builtins.int = ...,
+        model_version: _builtins.str = ...,
+        breakdown: Global___LatencyBreakdown | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakdown", b"breakdown", "candidate_count", b"candidate_count", "ids", b"ids", "model_version", b"model_version", "scores", b"scores"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RankResponse: _TypeAlias = RankResponse  # noqa: Y015

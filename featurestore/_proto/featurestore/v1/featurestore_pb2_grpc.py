@@ -45,6 +45,16 @@ class FeatureStoreStub:
                 request_serializer=featurestore_dot_v1_dot_featurestore__pb2.SearchSimilarRequest.SerializeToString,
                 response_deserializer=featurestore_dot_v1_dot_featurestore__pb2.SearchSimilarResponse.FromString,
                 _registered_method=True)
+        self.Predict = channel.unary_unary(
+                '/featurestore.v1.FeatureStore/Predict',
+                request_serializer=featurestore_dot_v1_dot_featurestore__pb2.PredictRequest.SerializeToString,
+                response_deserializer=featurestore_dot_v1_dot_featurestore__pb2.PredictResponse.FromString,
+                _registered_method=True)
+        self.Rank = channel.unary_unary(
+                '/featurestore.v1.FeatureStore/Rank',
+                request_serializer=featurestore_dot_v1_dot_featurestore__pb2.RankRequest.SerializeToString,
+                response_deserializer=featurestore_dot_v1_dot_featurestore__pb2.RankResponse.FromString,
+                _registered_method=True)
 
 
 class FeatureStoreServicer:
@@ -65,6 +75,21 @@ class FeatureStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Predict(self, request, context):
+        """Scores of a model (feature_repo/models.yaml) for a batch of entity rows: features
+        read in one round trip, the matrix built from them, the model run embedded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rank(self, request, context):
+        """The top-n of a candidate list (given, or retrieved from an embedding view) by a model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeatureStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +102,16 @@ def add_FeatureStoreServicer_to_server(servicer, server):
                     servicer.SearchSimilar,
                     request_deserializer=featurestore_dot_v1_dot_featurestore__pb2.SearchSimilarRequest.FromString,
                     response_serializer=featurestore_dot_v1_dot_featurestore__pb2.SearchSimilarResponse.SerializeToString,
+            ),
+            'Predict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Predict,
+                    request_deserializer=featurestore_dot_v1_dot_featurestore__pb2.PredictRequest.FromString,
+                    response_serializer=featurestore_dot_v1_dot_featurestore__pb2.PredictResponse.SerializeToString,
+            ),
+            'Rank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rank,
+                    request_deserializer=featurestore_dot_v1_dot_featurestore__pb2.RankRequest.FromString,
+                    response_serializer=featurestore_dot_v1_dot_featurestore__pb2.RankResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +168,60 @@ class FeatureStore:
             '/featurestore.v1.FeatureStore/SearchSimilar',
             featurestore_dot_v1_dot_featurestore__pb2.SearchSimilarRequest.SerializeToString,
             featurestore_dot_v1_dot_featurestore__pb2.SearchSimilarResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Predict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurestore.v1.FeatureStore/Predict',
+            featurestore_dot_v1_dot_featurestore__pb2.PredictRequest.SerializeToString,
+            featurestore_dot_v1_dot_featurestore__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurestore.v1.FeatureStore/Rank',
+            featurestore_dot_v1_dot_featurestore__pb2.RankRequest.SerializeToString,
+            featurestore_dot_v1_dot_featurestore__pb2.RankResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,12 @@ class FeatureStoreStub:
     """Nearest neighbours in an embedding view's index, by vectors or by entity ids, with
     the neighbours' features (one Redis round trip) when asked.
     """
+    Predict: _grpc.UnaryUnaryMultiCallable[_featurestore_pb2.PredictRequest, _featurestore_pb2.PredictResponse]
+    """Scores of a model (feature_repo/models.yaml) for a batch of entity rows: features
+    read in one round trip, the matrix built from them, the model run embedded.
+    """
+    Rank: _grpc.UnaryUnaryMultiCallable[_featurestore_pb2.RankRequest, _featurestore_pb2.RankResponse]
+    """The top-n of a candidate list (given, or retrieved from an embedding view) by a model."""
 
 @_typing.type_check_only
 class FeatureStoreAsyncStub(FeatureStoreStub):
@@ -54,6 +60,12 @@ class FeatureStoreAsyncStub(FeatureStoreStub):
     """Nearest neighbours in an embedding view's index, by vectors or by entity ids, with
     the neighbours' features (one Redis round trip) when asked.
     """
+    Predict: _aio.UnaryUnaryMultiCallable[_featurestore_pb2.PredictRequest, _featurestore_pb2.PredictResponse]  # type: ignore[assignment]
+    """Scores of a model (feature_repo/models.yaml) for a batch of entity rows: features
+    read in one round trip, the matrix built from them, the model run embedded.
+    """
+    Rank: _aio.UnaryUnaryMultiCallable[_featurestore_pb2.RankRequest, _featurestore_pb2.RankResponse]  # type: ignore[assignment]
+    """The top-n of a candidate list (given, or retrieved from an embedding view) by a model."""
 
 class FeatureStoreServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -73,5 +85,23 @@ class FeatureStoreServicer(metaclass=_abc_1.ABCMeta):
         """Nearest neighbours in an embedding view's index, by vectors or by entity ids, with
         the neighbours' features (one Redis round trip) when asked.
         """
+
+    @_abc_1.abstractmethod
+    def Predict(
+        self,
+        request: _featurestore_pb2.PredictRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_featurestore_pb2.PredictResponse, _abc.Awaitable[_featurestore_pb2.PredictResponse]]:
+        """Scores of a model (feature_repo/models.yaml) for a batch of entity rows: features
+        read in one round trip, the matrix built from them, the model run embedded.
+        """
+
+    @_abc_1.abstractmethod
+    def Rank(
+        self,
+        request: _featurestore_pb2.RankRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_featurestore_pb2.RankResponse, _abc.Awaitable[_featurestore_pb2.RankResponse]]:
+        """The top-n of a candidate list (given, or retrieved from an embedding view) by a model."""
 
 def add_FeatureStoreServicer_to_server(servicer: FeatureStoreServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
