@@ -32,6 +32,7 @@ from featurestore.config import Settings
 from featurestore.errors import ConfigError, InvalidArgument, Unavailable
 from featurestore.indexes import ViewIndexes
 from featurestore.indexspec import IndexConfig
+from featurestore.inference_rpc import InferenceRpc
 from featurestore.interceptors import ErrorInterceptor
 from featurestore.lookup import Lookup, LookupResult
 from featurestore.registry import load_registry
@@ -55,10 +56,26 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     between protobuf and `search.search_similar`."""
 
     def __init__(self, lookup: Lookup, redis_timeout_s: float,
-                 indexes: ViewIndexes | None = None) -> None:  # fmt: skip
+                 indexes: ViewIndexes | None = None,
+                 inference: InferenceRpc | None = None) -> None:  # fmt: skip
         self._lookup = lookup
         self._redis_timeout_s = redis_timeout_s
         self._indexes = indexes
+        self._inference = inference  # Predict and Rank (inference_rpc.py)
+
+    async def Predict(
+        self, request: pb.PredictRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.PredictResponse:
+        if self._inference is None:
+            raise Unavailable("this server serves no models")
+        return await self._inference.predict(request, context)
+
+    async def Rank(
+        self, request: pb.RankRequest, context: aio.ServicerContext[Any, Any]
+    ) -> pb.RankResponse:
+        if self._inference is None:
+            raise Unavailable("this server serves no models")
+        return await self._inference.rank(request, context)
 
     async def GetOnlineFeatures(
         self, request: pb.GetOnlineFeaturesRequest, context: aio.ServicerContext[Any, Any]
@@ -153,6 +170,7 @@ class FeatureServer:
         self.health = health.aio.HealthServicer()
         self.lookup: Lookup | None = None
         self.indexes: ViewIndexes | None = None
+        self.inference: InferenceRpc | None = None
         self.redis: Redis | None = None
         self.port = 0
         self._server: aio.Server | None = None
@@ -173,6 +191,9 @@ class FeatureServer:
         self.indexes = ViewIndexes(registry, settings.redis_url, _index_config(settings),
                                    refresh_s=settings.index_refresh_s)  # fmt: skip
         self.indexes.start()
+        self.inference = await InferenceRpc.start(settings.repo, registry, self.lookup,
+                                                  settings.redis_url, settings.redis_timeout_s,
+                                                  self.indexes)  # fmt: skip
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server = self._build_server(self.lookup)
         self.port = self._server.add_insecure_port(settings.address)
@@ -192,7 +213,8 @@ class FeatureServer:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
         server = aio.server(interceptors=[ErrorInterceptor()], options=options)
-        servicer = FeatureStoreServicer(lookup, self.settings.redis_timeout_s, self.indexes)
+        servicer = FeatureStoreServicer(lookup, self.settings.redis_timeout_s, self.indexes,
+                                        self.inference)  # fmt: skip
         pb_grpc.add_FeatureStoreServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -227,6 +249,8 @@ class FeatureServer:
             log.info("registry changed: now serving fingerprint %s", registry.fingerprint)
             if self.indexes is not None:
                 self.indexes.sync(registry)
+        if self.inference is not None:  # models.yaml changes are picked up here too
+            await self.inference.reload(registry)
         return swapped
 
     async def _refresh_forever(self) -> None:
@@ -249,6 +273,8 @@ class FeatureServer:
         if self._server is not None:
             await self._server.stop(self.settings.grace_s if grace_s is None else grace_s)
             self._server = None
+        if self.inference is not None:
+            await self.inference.close()
         if self.lookup is not None:
             await self.lookup.close()
         if self.indexes is not None:
