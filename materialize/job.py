@@ -30,10 +30,10 @@ from tqdm import tqdm  # type: ignore[import-untyped]
 
 from featurestore.errors import ConfigError, Unavailable
 from featurestore.registry import Registry, ViewDef, load_registry
-from featurestore.store.events import publish_written
+from featurestore.store.events import MAX_EVENT_IDS, publish_written
 from materialize import source
 from materialize.plan import Window, backfill_windows, incremental_windows, to_datetime, to_us
-from materialize.sink import Counts, SinkOptions, connect, write_through
+from materialize.sink import Counts, SinkOptions, WrittenIds, connect, write_through
 from materialize.watermark import RunLock, advance_watermark, read_watermarks
 
 __all__ = ["Settings", "Summary", "dsn_from_repo", "run"]
@@ -128,7 +128,8 @@ async def run(settings: Settings) -> Summary:
             async with RunLock(client, registry.project, settings.lock_ttl_s) as lock:
                 windows = await _windows(client, registry.project, views, settings)
                 for window in windows:
-                    counts = await _materialize(client, conn, registry, window, settings)
+                    written = WrittenIds(window.view, MAX_EVENT_IDS)
+                    counts = await _materialize(client, conn, registry, window, settings, written)
                     summary.counts.add(counts)
                     lock.check()
                     if window.advances_watermark:
@@ -136,7 +137,7 @@ async def run(settings: Settings) -> Summary:
                             client, registry.project, window.view.name, window.end_us
                         )
                     if counts.written:  # servers refresh what they derive (retrieval indexes)
-                        await publish_written(client, registry.project, [window.view.name])
+                        await _announce(client, registry.project, window, written)
         finally:
             await conn.close(timeout=5)
     finally:
@@ -163,16 +164,35 @@ async def _windows(
     return incremental_windows(views, marks, int(time.time() * 1_000_000))
 
 
+async def _announce(
+    client: aioredis.Redis, project: str, window: Window, written: WrittenIds
+) -> None:
+    """Tell servers the window's view was written, with its entity ids when few enough."""
+    name, ids = window.view.name, written.ids
+    await publish_written(client, project, [name], ids=None if ids is None else {name: ids},
+                          epoch_us=window.end_us)  # fmt: skip
+
+
 async def _materialize(
-    client: aioredis.Redis, conn: Any, registry: Registry, window: Window, settings: Settings
+    client: aioredis.Redis,
+    conn: Any,
+    registry: Registry,
+    window: Window,
+    settings: Settings,
+    written: WrittenIds,
 ) -> Counts:
+    """Write `window`; the entity ids of the batches written are noted in `written`."""
     view = window.view
     start = "-inf" if window.start_us is None else to_datetime(window.start_us).isoformat()
     log.info("%s: [%s, %s)", view.name, start, to_datetime(window.end_us).isoformat())
     rows_per_batch = settings.batch_rows * settings.pipeline_batches
 
     def produce(on_batch: Callable[[source.RowBatch], Awaitable[None]]) -> Awaitable[None]:
-        return source.stream_window(conn, window, on_batch, batch_rows=rows_per_batch)
+        async def noted(batch: source.RowBatch) -> None:
+            written.add(batch)
+            await on_batch(batch)
+
+        return source.stream_window(conn, window, noted, batch_rows=rows_per_batch)
 
     options = SinkOptions(
         script_rows=settings.batch_rows,

@@ -17,17 +17,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import hiredis
+import numpy as np
+import numpy.typing as npt
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
 
 from featurestore.errors import FeatureStoreError
 from featurestore.registry import ViewDef
 from featurestore.store.keys import entity_tokens, row_keys
-from featurestore.store.layout import encode_rows
+from featurestore.store.layout import DType, encode_rows
 from featurestore.store.redis import guarded_write
 from materialize.source import RowBatch
 
-__all__ = ["Counts", "SinkOptions", "connect", "expiry_ms", "pack", "write_through"]
+__all__ = [
+    "Counts",
+    "SinkOptions",
+    "WrittenIds",
+    "connect",
+    "expiry_ms",
+    "pack",
+    "write_through",
+]
 
 Packed = tuple[list[bytes], list[bytes]]  # (row keys, packed rows), in the same order
 Producer = Callable[[Callable[[RowBatch], Awaitable[None]]], Awaitable[None]]
@@ -45,6 +55,47 @@ class Counts:
         self.read += other.read
         self.written += other.written
         self.skipped += other.skipped
+
+
+class WrittenIds:
+    """The entity ids of the rows a view's run wrote, kept while there are at most `limit`.
+
+    Only for views with one int64 join key (`None` from `ids` otherwise). Memory stays
+    bounded: past `limit` rows the ids are dropped and `ids` is None (announce the whole
+    view). Ids of rows the guarded write skipped as older are included: a superset is
+    harmless to whoever re-reads them.
+
+    >>> written = WrittenIds(view, limit=100_000)
+    >>> written.add(batch)  # each batch sent to Redis
+    >>> written.ids         # int64 array, or None
+    """
+
+    __slots__ = ("_count", "_parts", "limit")
+
+    def __init__(self, view: ViewDef, limit: int) -> None:
+        self.limit = limit
+        keys = view.join_keys
+        self._parts: list[npt.NDArray[np.int64]] | None = (
+            [] if len(keys) == 1 and keys[0].dtype is DType.INT64 else None
+        )
+        self._count = 0
+
+    def add(self, batch: RowBatch) -> None:
+        """Note the entity ids of `batch`."""
+        self._count += len(batch)
+        if self._parts is None:
+            return
+        if self._count > self.limit:
+            self._parts = None  # too many to announce: stop collecting
+            return
+        self._parts.append(np.asarray(batch.keys[0], dtype=np.int64))
+
+    @property
+    def ids(self) -> npt.NDArray[np.int64] | None:
+        """The ids noted so far, or None (too many, or not one int64 join key)."""
+        if self._parts is None:
+            return None
+        return np.concatenate(self._parts) if self._parts else np.empty(0, np.int64)
 
 
 @dataclass(frozen=True, slots=True)

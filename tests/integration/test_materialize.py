@@ -29,7 +29,14 @@ import redis.asyncio as aioredis
 from featurestore.embedded import free_port
 from featurestore.errors import ConfigError, LockHeld
 from featurestore.registry import Registry, ViewDef, load_registry
-from featurestore.store.keys import entity_tokens, lock_key, row_keys, watermark_key
+from featurestore.store.events import WrittenEvent, parse_event
+from featurestore.store.keys import (
+    entity_tokens,
+    events_channel,
+    lock_key,
+    row_keys,
+    watermark_key,
+)
 from featurestore.store.layout import DType, decode_rows
 from materialize.__main__ import main
 from materialize.job import Settings, run
@@ -258,6 +265,36 @@ async def test_watermark_moves_only_for_views_whose_writes_all_succeeded(
     assert mark is not None and before <= int(mark) <= time.time() * 1e6
     assert await redis_client.get(watermark_key("recsys", "item_stats")) is None
     assert await redis_client.exists(lock_key("recsys")) == 0  # released on failure too
+
+
+async def test_run_announces_the_entity_ids_it_wrote(
+    generated: datetime, registry: Registry, feature_repo: Path, scratch_dbs: tuple[str, str],
+    pg_dsn: str,
+) -> None:  # fmt: skip
+    client = aioredis.Redis.from_url(scratch_dbs[0])
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(events_channel(registry.project))
+    try:
+        await run(_settings(feature_repo, scratch_dbs[0], pg_dsn, mode="incremental",
+                            views=("item_stats", "item_embedding")))  # fmt: skip
+        events: list[WrittenEvent] = []
+        deadline = time.monotonic() + 10
+        while len(events) < 2 and time.monotonic() < deadline:
+            message = await pubsub.get_message(timeout=1.0)
+            if message is not None:
+                events.append(parse_event(message["data"]))
+        assert [e.views for e in events] == [("item_stats",), ("item_embedding",)]
+        for event in events:
+            view = event.views[0]
+            pattern = f"{registry.project}:{view}:*".encode()
+            stored = [int(k[k.index(b"{") + 1 : -1]) async for k in client.scan_iter(pattern)]
+            written = event.ids_of(view)
+            assert written is not None and written.dtype == np.int64
+            assert sorted(written.tolist()) == sorted(stored) and len(stored) > 0
+            assert event.epoch_us == int(await client.get(watermark_key("recsys", view)))
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await client.aclose()
 
 
 def _dump(url: str) -> dict[bytes, bytes]:
