@@ -17,6 +17,16 @@ and non-finite rows are left out), compares with the live index and
 so an expired entity leaves the index on the next refresh, whatever its cause. Refreshes
 are asked for by materialization events on the project's pub/sub channel
 (`store.events`), by a registry change, and every `refresh_s` in case an event was lost.
+
+An event that lists the entity ids a run wrote asks for an update instead: only those
+keys are read (`retrieval.read_vectors`, MGET in batches), and
+
+    present and usable, new or changed     upserted
+    absent, expired or unusable now        deleted (if indexed)
+
+through `apply_changes`, so its cost follows the run's size, not the view's. Ids asked
+for while the worker is busy merge; a full refresh asked for at the same time wins, and
+more than `MAX_EVENT_IDS` pending ids become one.
 Searches never wait on any of this: they run on the generation that was live when they
 started (see `retrieval`).
 
@@ -34,6 +44,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
@@ -41,11 +52,11 @@ from featurestore.embedding_index import EmbeddingIndex, Ids, check_vectors
 from featurestore.errors import ConfigError, InvalidArgument, Unavailable
 from featurestore.indexspec import IndexConfig, Vectors
 from featurestore.registry import Registry, ViewDef
-from featurestore.retrieval import IndexManager, scan_vectors
-from featurestore.store.events import parse_event
+from featurestore.retrieval import IndexManager, read_vectors, scan_vectors
+from featurestore.store.events import MAX_EVENT_IDS, parse_event
 from featurestore.store.keys import events_channel
 
-__all__ = ["Changes", "ViewIndexes", "diff_index"]
+__all__ = ["Changes", "ViewIndexes", "diff_ids", "diff_index"]
 
 log = logging.getLogger(__name__)
 # Above this fraction of changed ids a refresh rebuilds rather than patching a copy.
@@ -70,14 +81,63 @@ def diff_index(index: EmbeddingIndex, ids: Ids, vectors: Vectors) -> Changes:
 
     Blocking numpy work (about 0.1 s per million vectors): run it off the event loop.
     """
+    changed = _changed(index, ids, vectors)
+    live_ids = index.label_ids[index.live]
+    deletes = live_ids[~np.isin(live_ids, ids, assume_unique=True)]
+    return Changes(ids[changed], vectors[changed], deletes.astype(np.int64, copy=False))
+
+
+def diff_ids(index: EmbeddingIndex, asked: Ids, ids: Ids, vectors: Vectors) -> Changes:
+    """The changes for the entities `asked` (unique), of which the store holds usable
+    rows for `ids` (`vectors`): new or changed ones upserted, indexed ones without a
+    usable row deleted. Blocking numpy work: run it off the event loop."""
+    changed = _changed(index, ids, vectors)
+    gone = asked[~np.isin(asked, ids, assume_unique=True)]
+    _, indexed = index.labels_of(gone)
+    return Changes(ids[changed], vectors[changed], gone[indexed])
+
+
+def _changed(index: EmbeddingIndex, ids: Ids, vectors: Vectors) -> npt.NDArray[np.bool_]:
+    """Which of the store's rows (`ids`, `vectors`) the index lacks or holds differently."""
     prepared = check_vectors(vectors, index.dim, index.metric, "stored vectors")
     labels, found = index.labels_of(ids)
     changed = ~found
     same = (index.vectors[labels] == prepared[found]).all(axis=1)
     changed[np.flatnonzero(found)[~same]] = True
-    live_ids = index.label_ids[index.live]
-    deletes = live_ids[~np.isin(live_ids, ids, assume_unique=True)]
-    return Changes(ids[changed], vectors[changed], deletes.astype(np.int64, copy=False))
+    return changed
+
+
+class _Asked:
+    """What a view's worker was asked for since it last looked: a full refresh, and/or
+    the entity ids of written rows (an update). Ids merge; past `MAX_EVENT_IDS` of them
+    the request becomes a full refresh, which also covers any ids."""
+
+    __slots__ = ("count", "event", "full", "ids")
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()  # set while anything is asked for
+        self.full = False
+        self.ids: list[Ids] = []
+        self.count = 0
+
+    def refresh(self) -> None:
+        self.full, self.ids, self.count = True, [], 0
+        self.event.set()
+
+    def update(self, ids: Ids) -> None:
+        if not self.full:
+            self.ids.append(ids)
+            self.count += ids.shape[0]
+            if self.count > MAX_EVENT_IDS:
+                self.refresh()
+        self.event.set()
+
+    def take(self) -> Ids | None:
+        """Clear the request; the unique ids to update, or None for a full refresh."""
+        full, ids = self.full, self.ids
+        self.full, self.ids, self.count = False, [], 0
+        self.event.clear()
+        return None if full else np.unique(np.concatenate(ids))
 
 
 class ViewIndexes:
@@ -105,7 +165,7 @@ class ViewIndexes:
         )  # fmt: skip
         self._managers: dict[str, IndexManager] = {}
         self._refused: dict[str, str] = {}  # view -> why it cannot be indexed
-        self._wanted: dict[str, asyncio.Event] = {}  # view -> a refresh is asked for
+        self._wanted: dict[str, _Asked] = {}  # view -> the refresh or update asked for
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._progress = asyncio.Event()  # set after each refresh that succeeded
@@ -147,7 +207,7 @@ class ViewIndexes:
             self._managers.pop(name, None)
         for name in indexable:
             if name not in self._wanted:
-                self._wanted[name] = asyncio.Event()
+                self._wanted[name] = _Asked()
                 self._workers[name] = asyncio.create_task(self._work(name))
         self.request_refresh(indexable)
 
@@ -156,7 +216,14 @@ class ViewIndexes:
         for name in views:
             wanted = self._wanted.get(name)
             if wanted is not None:
-                wanted.set()
+                wanted.refresh()
+
+    def request_update(self, name: str, entity_ids: Ids) -> None:
+        """Ask for the update of view `name`'s entities `entity_ids` (int64) from the
+        store: upserted if usable there, deleted otherwise (an unknown view is ignored)."""
+        wanted = self._wanted.get(name)
+        if wanted is not None:
+            wanted.update(entity_ids)
 
     @property
     def ready(self) -> bool:
@@ -213,6 +280,24 @@ class ViewIndexes:
                                     changes.delete_ids)  # fmt: skip
         return "updated"
 
+    async def update(self, name: str, entity_ids: Ids, now_us: int | None = None) -> str:
+        """Bring the index entries of view `name`'s `entity_ids` (unique) up to date with
+        the store, reading only their keys; returns "updated" or "unchanged" (or what
+        `refresh` returns when the view has no index of its current definition yet)."""
+        view = self._registry.views[name]
+        manager = self._managers.get(name)
+        live = manager.index if manager is not None and manager.view == view else None
+        if manager is None or live is None:
+            return await self.refresh(name, now_us)
+        ids, vectors = await read_vectors(self._redis, self._registry.project, view,
+                                          entity_ids, now_us=now_us)  # fmt: skip
+        changes = await asyncio.to_thread(diff_ids, live, entity_ids, ids, vectors)
+        if not len(changes):
+            return "unchanged"
+        await manager.apply_changes(changes.upsert_ids, changes.upsert_vectors,
+                                    changes.delete_ids)  # fmt: skip
+        return "updated"
+
     def _new_manager(self, view: ViewDef) -> IndexManager:
         return IndexManager(self._registry.project, view, self.config)
 
@@ -221,11 +306,11 @@ class ViewIndexes:
         wanted = self._wanted[name]
         delay = _RETRY_S[0]
         while True:
-            await wanted.wait()
-            wanted.clear()
+            await wanted.event.wait()
+            ids = wanted.take()
             start = time.perf_counter()
             try:
-                outcome = await self.refresh(name)
+                outcome = await (self.refresh(name) if ids is None else self.update(name, ids))
             except (Unavailable, RedisError, OSError) as exc:
                 log.warning("refresh of %s failed (%s); retrying in %.1f s", name, exc, delay)
             except Exception:  # a bad row or a FAISS error must not end the worker
@@ -234,9 +319,14 @@ class ViewIndexes:
                 self.refreshes += 1
                 self._progress.set()
                 delay = _RETRY_S[0]
-                log.info("view %s: index %s in %.2f s", name, outcome, time.perf_counter() - start)
+                log.info("view %s: index %s in %.2f s%s", name, outcome,
+                         time.perf_counter() - start,
+                         "" if ids is None else f" ({ids.shape[0]} ids)")  # fmt: skip
                 continue
-            wanted.set()
+            if ids is None:  # ask again for what failed
+                wanted.refresh()
+            else:
+                wanted.update(ids)
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RETRY_S[1])
 
@@ -254,7 +344,7 @@ class ViewIndexes:
                 first, delay = False, _RETRY_S[0]
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
-                        self.request_refresh(parse_event(message["data"]))
+                        self._follow(message["data"])
             except (RedisError, OSError) as exc:
                 log.warning("materialization events: %s; resubscribing in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
@@ -262,6 +352,17 @@ class ViewIndexes:
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _follow(self, data: bytes) -> None:
+        """Ask for what a materialization event calls for: per view, an update of the
+        ids it lists, else a full refresh."""
+        event = parse_event(data)
+        for name in event.views:
+            ids = event.ids_of(name)
+            if ids is None:
+                self.request_refresh([name])
+            else:
+                self.request_update(name, ids)
 
     async def _refresh_periodically(self) -> None:
         while True:

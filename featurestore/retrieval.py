@@ -40,7 +40,7 @@ from featurestore.embedding_index import (
 from featurestore.errors import ConfigError, InvalidArgument, NotFound, Unavailable
 from featurestore.indexspec import IndexConfig, Vectors, set_faiss_threads
 from featurestore.registry import ViewDef
-from featurestore.store.keys import row_key
+from featurestore.store.keys import entity_tokens, row_key, row_keys
 from featurestore.store.layout import DType, decode_rows
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "IndexConfig",
     "IndexManager",
     "SearchResult",
+    "read_vectors",
     "scan_vectors",
     "search_thread",
 ]
@@ -397,8 +398,6 @@ async def scan_vectors(
     current time.
     """
     assert view.vector is not None
-    feature = view.vector.feature
-    index = view.layout.names.index(feature)
     now = int(time.time() * 1e6) if now_us is None else now_us
     ids: list[Ids] = []
     vectors: list[Vectors] = []
@@ -407,20 +406,12 @@ async def scan_vectors(
 
     async def flush() -> None:
         nonlocal skipped
-        rows = decode_rows(view.layout, await _mget(client, batch))
-        keep = rows.found & ~rows.nulls[:, index]
-        if view.ttl_s:
-            keep &= rows.event_ts_us + int(view.ttl_s * 1e6) >= now
-        column = rows.columns[feature]
-        keep &= np.isfinite(column).all(axis=1)
-        if view.vector is not None and view.vector.metric == "cosine":
-            keep &= np.linalg.norm(column, axis=1) > 0
-        skipped += int((rows.found & ~keep).sum())
-        where = np.flatnonzero(keep)
+        where, column, dropped = _usable(view, await _mget(client, batch), now)
+        skipped += dropped
         ids.append(
             np.array([int(batch[i][batch[i].rindex(b"{") + 1 : -1]) for i in where], dtype=np.int64)
         )
-        vectors.append(column[where].astype(np.float32, copy=False))
+        vectors.append(column)
         batch.clear()
 
     try:
@@ -443,6 +434,54 @@ async def scan_vectors(
     # SCAN may return a key twice (during a rehash): keep each entity once.
     unique_ids, first = np.unique(all_ids, return_index=True)
     return unique_ids, all_vectors[first]
+
+
+async def read_vectors(
+    client: aioredis.Redis,
+    project: str,
+    view: ViewDef,
+    entity_ids: Ids,
+    *,
+    batch_size: int = 2000,
+    now_us: int | None = None,
+) -> tuple[Ids, Vectors]:
+    """The usable (entity id, vector) rows of `entity_ids` (unique) in `view`, by MGET.
+
+    Reads `batch_size` keys per MGET and decodes each batch off the event loop; rows
+    are left out exactly as `scan_vectors` leaves them out (absent, stale schema, null,
+    past the TTL at `now_us` (default now), non-finite, zero under cosine).
+
+    >>> ids, vectors = await read_vectors(client, "recsys", view, np.array([7, 9]))
+    """
+    assert view.vector is not None
+    now = int(time.time() * 1e6) if now_us is None else now_us
+    ids: list[Ids] = [np.empty(0, np.int64)]
+    vectors: list[Vectors] = [np.empty((0, view.vector.dim), np.float32)]
+    for start in range(0, entity_ids.shape[0], batch_size):
+        part = entity_ids[start : start + batch_size]
+        keys = row_keys(project, view.name, entity_tokens([part.tolist()]))
+        values = await _mget(client, keys)
+        where, column, _ = await asyncio.to_thread(_usable, view, values, now)
+        ids.append(part[where])
+        vectors.append(column)
+    return np.concatenate(ids), np.concatenate(vectors)
+
+
+def _usable(view: ViewDef, values: list[bytes | None], now_us: int) -> tuple[Ids, Vectors, int]:
+    """Decode MGET `values` of `view`: the positions of the usable rows, their vectors
+    (float32), and how many present rows were left out."""
+    assert view.vector is not None
+    feature = view.vector.feature
+    rows = decode_rows(view.layout, values)
+    keep = rows.found & ~rows.nulls[:, view.layout.names.index(feature)]
+    if view.ttl_s:
+        keep &= rows.event_ts_us + int(view.ttl_s * 1e6) >= now_us
+    column = rows.columns[feature]
+    keep &= np.isfinite(column).all(axis=1)
+    if view.vector.metric == "cosine":
+        keep &= np.linalg.norm(column, axis=1) > 0
+    where = np.flatnonzero(keep)
+    return where, column[where].astype(np.float32, copy=False), int((rows.found & ~keep).sum())
 
 
 async def _mget(client: aioredis.Redis, keys: list[bytes]) -> list[bytes | None]:
