@@ -8,7 +8,8 @@ count as missing, as the online store reports them), draws (user, item, hour) tr
 labels each with a synthetic click (a logistic function of plausible signals: item CTR
 and rating, promotion, the user's CTR, a category the user just browsed, the user's
 matching preference, price, the hour; plus noise), fits a gradient-boosted tree ensemble
-(scikit-learn, 100 trees of depth 4) and writes it with skl2onnx to the model's path (models/ranker.onnx).
+(scikit-learn, 100 trees of depth 4) and writes it with skl2onnx to the model's path
+(models/ranker.onnx).
 The same seed gives the same model.
 
 Needs the `train` packages: scikit-learn, skl2onnx (which brings onnx).
@@ -34,13 +35,21 @@ from featurestore.registry import Registry, load_registry
 
 HERE = Path(__file__).resolve().parent
 # item category -> the user preference that makes it attractive
-_PREFERENCE = {"sports": "pref_sports", "music": "pref_music", "movies": "pref_movies",
-               "games": "pref_games", "electronics": "pref_tech", "fashion": "pref_fashion",
-               "grocery": "pref_food", "books": "pref_news"}  # fmt: skip
+_PREFERENCE = {
+    "sports": "pref_sports",
+    "music": "pref_music",
+    "movies": "pref_movies",
+    "games": "pref_games",
+    "electronics": "pref_tech",
+    "fashion": "pref_fashion",
+    "grocery": "pref_food",
+    "books": "pref_news",
+}
 
 
-async def latest_rows(dsn: str, registry: Registry, views: Sequence[str],
-                      now: datetime) -> dict[str, dict[int, dict[str, Any]]]:  # fmt: skip
+async def latest_rows(
+    dsn: str, registry: Registry, views: Sequence[str], now: datetime
+) -> dict[str, dict[int, dict[str, Any]]]:
     """view -> entity id -> its newest row (absent if older than the view's TTL)."""
     conn = await asyncpg.connect(dsn)
     try:
@@ -73,8 +82,9 @@ def value(column: InputColumn, row: dict[str, Any] | None) -> float:
     return float(np.float32(raw))
 
 
-def build(spec: ModelSpec, rows: dict[str, dict[int, dict[str, Any]]], users: Any, items: Any,
-          hours: Any) -> npt.NDArray[np.float32]:  # fmt: skip
+def build(
+    spec: ModelSpec, rows: dict[str, dict[int, dict[str, Any]]], users: Any, items: Any, hours: Any
+) -> npt.NDArray[np.float32]:
     matrix = np.empty((len(users), spec.width), dtype=np.float32)
     for j, column in enumerate(spec.columns):
         if column.is_request:
@@ -86,8 +96,9 @@ def build(spec: ModelSpec, rows: dict[str, dict[int, dict[str, Any]]], users: An
     return matrix
 
 
-def click_labels(spec: ModelSpec, m: npt.NDArray[np.float32],
-                 rng: np.random.Generator) -> npt.NDArray[np.int64]:  # fmt: skip
+def click_labels(
+    spec: ModelSpec, m: npt.NDArray[np.float32], rng: np.random.Generator
+) -> npt.NDArray[np.int64]:
     """Synthetic clicks, plausibly driven by the features (and 0.6 logits of noise)."""
     col = {c.ref: j for j, c in enumerate(spec.columns)}
 
@@ -121,8 +132,9 @@ def train(matrix: npt.NDArray[np.float32], labels: npt.NDArray[np.int64], seed: 
     # histogram variant fails on this scikit-learn's missing-value attributes).
     from sklearn.ensemble import GradientBoostingClassifier
 
-    model = GradientBoostingClassifier(n_estimators=100, max_depth=4, learning_rate=0.1,
-                                       subsample=0.8, random_state=seed)  # fmt: skip
+    model = GradientBoostingClassifier(
+        n_estimators=100, max_depth=4, learning_rate=0.1, subsample=0.8, random_state=seed
+    )
     return model.fit(matrix, labels)
 
 
@@ -130,8 +142,12 @@ def export(model: Any, width: int, path: Path) -> int:
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
 
-    onx = to_onnx(model, initial_types=[("features", FloatTensorType([None, width]))],
-                  options={id(model): {"zipmap": False}}, target_opset={"": 17, "ai.onnx.ml": 3})  # fmt: skip
+    onx = to_onnx(
+        model,
+        initial_types=[("features", FloatTensorType([None, width]))],
+        options={id(model): {"zipmap": False}},
+        target_opset={"": 17, "ai.onnx.ml": 3},
+    )
     blob: bytes = onx.SerializeToString()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(blob)
@@ -165,9 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     auc = roc_auc_score(labels[split:], model.predict_proba(matrix[split:])[:, 1])
     size = export(model, spec.width, spec.path)
-    print(f"{spec.name}: {spec.width} inputs from {len(views)} views, {args.samples} samples,"
-          f" click rate {labels.mean():.3f}, held-out AUC {auc:.3f};"
-          f" wrote {spec.path} ({size:,} bytes) in {time.perf_counter() - started:.1f} s")  # fmt: skip
+    print(
+        f"{spec.name}: {spec.width} inputs from {len(views)} views, {args.samples} samples,"
+        f" click rate {labels.mean():.3f}, held-out AUC {auc:.3f};"
+        f" wrote {spec.path} ({size:,} bytes) in {time.perf_counter() - started:.1f} s"
+    )
     return 0
 
 

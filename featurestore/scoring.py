@@ -96,6 +96,7 @@ class _Call:
     __slots__ = (
         "dequeued",
         "enqueued",
+        "entities",
         "future",
         "keys",
         "model",
@@ -114,6 +115,7 @@ class _Call:
         request: dict[int, npt.NDArray[np.float32]],
     ) -> None:
         self.model, self.plan = model, plan  # a batch holds calls of one model version
+        self.entities: Entities = {}  # for error messages only
         self.rows = rows
         self.keys = keys  # per group: (row keys, 1 or rows)
         self.request = request  # matrix column -> values (1 or rows)
@@ -300,7 +302,9 @@ class Scorer:
             broadcast = n > 1 and all(len(c) == 1 for c in columns.values())
             keys.append(self._lookup.row_keys(group.plan, columns))
             assert keys[-1][1] == (1 if broadcast else n)
-        return _Call(model, plan, n, keys, _request_columns(plan, values, n))
+        call = _Call(model, plan, n, keys, _request_columns(plan, values, n))
+        call.entities = entities
+        return call
 
     async def _submit(self, model: Model, call: _Call, timeout_s: float | None) -> Scored:
         batching = model.spec.batching
@@ -349,11 +353,13 @@ class Scorer:
     async def _fetch(self, calls: Sequence[_Call]) -> _Batch:
         """Stage 1: one MGET for every call and view, decode, the batch matrix."""
         model, plan = calls[0].model, calls[0].plan
-        ngroups = len(plan.groups)
         all_keys: list[bytes] = []
-        for g in range(ngroups):
-            for call in calls:
-                all_keys += call.keys[g][0]
+        for g, group in enumerate(plan.groups):
+            # A group's rows go view after view (what `decode` reads), calls in order.
+            for v in range(len(group.plan.view_names)):
+                for call in calls:
+                    keys, n = call.keys[g]
+                    all_keys += keys[v * n : (v + 1) * n]
         t0 = time.perf_counter()
         rows = await read_rows(self._pipe, all_keys)
         t1 = time.perf_counter()
@@ -361,8 +367,9 @@ class Scorer:
         decoded, at = [], 0
         for g, group in enumerate(plan.groups):
             n = sum(call.keys[g][1] for call in calls)
-            decoded.append(group.decode(decode(group.plan, rows[at : at + n], n, now_us)))
-            at += n
+            size = n * len(group.plan.view_names)
+            decoded.append(group.decode(decode(group.plan, rows[at : at + size], n, now_us)))
+            at += size
         t2 = time.perf_counter()
         batch = _assemble(model, plan, calls, decoded)
         t3 = time.perf_counter()
@@ -467,7 +474,7 @@ def _assemble(
             matrix[:, positions] = values[gather]
             statuses[:, positions] = group_statuses[gather]
     for j, _ in plan.request:
-        for call, start in zip(calls, starts, strict=True):
+        for call, start in zip(calls, starts[:-1], strict=True):
             given = call.request.get(j)
             if given is None:
                 statuses[start : start + call.rows, j] = NOT_FOUND
@@ -503,17 +510,22 @@ def _fail_required(
     missing: npt.NDArray[np.bool_],
 ) -> None:
     bad = missing & plan.required
-    for call, start in zip(calls, starts, strict=True):
+    for call, start in zip(calls, starts[:-1], strict=True):
         rows = bad[start : start + call.rows]
         if not rows.any() or call.future.done():
             continue
         row, j = (int(x) for x in np.argwhere(rows)[0])
         column = model.spec.columns[j]
+        keys = next(g.join_keys for g in plan.groups if j in g.positions)
+        entity = ", ".join(
+            f"{k}={call.entities[k][row if len(call.entities[k]) > 1 else 0]!r}" for k in keys
+        )
         call.future.set_exception(
             MissingFeature(
                 f"model {model.spec.name!r} requires {column.ref}, but it is missing, null or"
-                f" stale for entity row {row} of the call ({int(rows.any(axis=1).sum())} row(s)"
-                " affected): materialize it or give it a fill value in models.yaml"
+                f" stale for {entity} (row {row} of the call;"
+                f" {int(rows.any(axis=1).sum())} row(s) affected): materialize it or give it a"
+                " fill value in models.yaml"
             )
         )
 
