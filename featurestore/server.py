@@ -34,10 +34,10 @@ from featurestore.indexes import ViewIndexes
 from featurestore.indexspec import IndexConfig
 from featurestore.inference_rpc import InferenceRpc
 from featurestore.interceptors import ErrorInterceptor
-from featurestore.lookup import Lookup, LookupResult
+from featurestore.lookup import Lookup
 from featurestore.registry import load_registry
+from featurestore.responses import features_response
 from featurestore.search import search_similar
-from featurestore.store.layout import DType
 from featurestore.store.pipe import RedisPipe
 from featurestore.store.redis import connect
 
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureStore"].full_name
 # Large batches (10,000 rows x many features) exceed gRPC's 4 MB default.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-_VALUE_TYPES = {dtype: pb.ValueType.Value(f"VALUE_TYPE_{dtype.name}") for dtype in DType}
 
 
 class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
@@ -91,7 +90,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             timeout_s=timeout_s,
         )  # fmt: skip
         start = time.perf_counter()
-        response = _response(result)
+        response = features_response(result)
         plan_s, redis_s, decode_s = result.timings_s
         metrics.STAGE_PLAN.observe(plan_s)
         metrics.STAGE_REDIS.observe(redis_s)
@@ -123,7 +122,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             query_count=q, k=k, ids=result.ids.astype("<i8", copy=False).tobytes(),
             scores=result.scores.astype("<f4", copy=False).tobytes(), metric=result.metric,
             index_generation=result.generation,
-            features=None if result.features is None else _response(result.features),
+            features=None if result.features is None else features_response(result.features),
         )  # fmt: skip
 
 
@@ -139,21 +138,6 @@ def _entities(columns: Sequence[pb.EntityColumn]) -> dict[str, Sequence[Any]]:
             )
         entities[column.name] = strings if strings else ints
     return entities
-
-
-def _response(result: LookupResult) -> pb.GetOnlineFeaturesResponse:
-    plan = result.plan
-    columns = [
-        pb.FeatureColumn(name=c.name, value_type=_VALUE_TYPES[c.dtype], length=c.length,
-                         values=v, offsets=o, statuses=s, view=c.view)
-        for c, v, o, s in zip(plan.columns, result.values, result.offsets, result.statuses,
-                              strict=True)
-    ]  # fmt: skip
-    views = [
-        pb.ViewTimestamps(view=name, event_timestamps_us=ts)
-        for name, ts in zip(plan.view_names, result.event_ts_us, strict=True)
-    ]
-    return pb.GetOnlineFeaturesResponse(row_count=result.rows, columns=columns, views=views)
 
 
 class FeatureServer:
