@@ -79,9 +79,17 @@ def _settings(args: argparse.Namespace) -> Settings:
     )  # fmt: skip
 
 
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"
+    )
+
+
 def run_worker(settings: Settings) -> None:
     """Run one server process to completion on uvloop when available."""
     from featurestore.server import run
+
+    _configure_logging()  # a spawned worker starts with a fresh interpreter
 
     try:
         import uvloop
@@ -128,7 +136,7 @@ def _without_metrics(settings: Settings) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The `featurestore` command line; returns the exit code."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _configure_logging()
     args = _parser().parse_args(argv)
     try:
         return int(args.func(args))
