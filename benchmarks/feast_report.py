@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -88,12 +89,15 @@ def _targets(ratios: dict[str, Any], mat: dict[str, Any]) -> list[dict[str, Any]
         targets.append(_target("100x50 calls/s at 32 in flight: ours / Feast server >= 30",
                                at32, 30))  # fmt: skip
     ours, feast = mat["ours"], mat["feast"]
-    targets.append(_target("materialize rows/s (wall): ours / Feast >= 40",
+    targets.append(_target("materialize rows/s, wall time: ours / Feast >= 40",
                            ours["rows_per_s"] / feast["rows_per_s"], 40))  # fmt: skip
     net = "rows_per_s_net_of_fixed_cost"
     if ours[net] and feast[net]:
-        targets.append(_target("materialize rows/s (net of the no-op rerun): ours / Feast >= 40",
+        targets.append(_target("materialize rows/s net of the no-op rerun: ours / Feast >= 40",
                                ours[net] / feast[net], 40))  # fmt: skip
+    if ours.get("rows_per_s_in_job") and feast[net]:
+        targets.append(_target("materialize rows/s, ours in-job / Feast net of no-op >= 40",
+                               ours["rows_per_s_in_job"] / feast[net], 40))  # fmt: skip
     memory = ours["peak_rss_mb"] / feast["peak_rss_mb"]
     targets.append(_target("materialize peak RSS: ours / Feast <= 0.1", memory, 0.1, False))
     for case in CASES:
@@ -102,39 +106,53 @@ def _targets(ratios: dict[str, Any], mat: dict[str, Any]) -> list[dict[str, Any]
     return targets
 
 
+def _in_job(mat: dict[str, Any]) -> None:
+    """Our job's own rate, from its summary line (after start-up and registry loading)."""
+    found = re.search(r"read (\d+) rows.* in ([\d.]+) s", mat.get("ours_summary", ""))
+    if found and float(found[2]) > 0:
+        mat["ours"]["in_job_s"] = float(found[2])
+        mat["ours"]["rows_per_s_in_job"] = int(found[1]) / float(found[2])
+
+
+def derive(results: dict[str, Any]) -> dict[str, Any]:
+    """(Re)compute ratios and targets from the lookups and materialization of `results`."""
+    _in_job(results["materialize"])
+    results["ratios"] = _ratios(results["lookup"])
+    results["targets"] = _targets(results["ratios"], results["materialize"])
+    return results
+
+
 def assemble(args: argparse.Namespace, machine: dict[str, Any], mat: dict[str, Any],
              measured: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """One results dict: context, config, materialization, lookups, ratios, targets."""
-    lookup = _lookup(measured)
-    ratios = _ratios(lookup)
-    return {
-        "context": {"command": args.command, "date": time.strftime("%Y-%m-%d %H:%M:%S %z")},
-        "machine": machine,
-        "config": {
-            "users": args.users,
-            "items": args.items,
-            "quick": args.quick,
-            "server_workers": args.workers,
-            "iterations_ours": args.iterations,
-            "iterations_feast_1_row": args.iterations,
-            "iterations_feast_100_rows": args.feast_iterations,
-            "warmup": args.warmup,
-            "in_flight": args.in_flight,
-            "throughput_duration_s": args.duration_s,
-            "redis": "one embedded redis-server: ours in db 0, Feast's in db 1",
-        },
-        "materialize": mat,
-        "lookup": lookup,
-        "variants": measured["variants"],
-        "ratios": ratios,
-        "targets": _targets(ratios, mat),
-    }
+    return derive(
+        {
+            "context": {"command": args.command, "date": time.strftime("%Y-%m-%d %H:%M:%S %z")},
+            "machine": machine,
+            "config": {
+                "users": args.users,
+                "items": args.items,
+                "quick": args.quick,
+                "server_workers": args.workers,
+                "iterations_ours": args.iterations,
+                "iterations_feast_1_row": args.iterations,
+                "iterations_feast_100_rows": args.feast_iterations,
+                "warmup": args.warmup,
+                "in_flight": args.in_flight,
+                "throughput_duration_s": args.duration_s,
+                "redis": "one embedded redis-server: ours in db 0, Feast's in db 1",
+            },
+            "materialize": mat,
+            "lookup": _lookup(measured),
+            "variants": measured["variants"],
+        }
+    )
 
 
-def write(results: dict[str, Any], out: Path) -> Path:
-    """JSON, Markdown and plots into `out`; returns the JSON's path."""
+def write(results: dict[str, Any], out: Path, path: Path | None = None) -> Path:
+    """JSON, Markdown and plots into `out`; returns the JSON's path (new unless given)."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"feast-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = path or out / f"feast-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(results, indent=2))
     plots = _plots(results, out)
     (out / "feast-latest.md").write_text(markdown(results, path.name, plots))
@@ -160,13 +178,16 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def markdown(results: dict[str, Any], json_name: str, plots: list[str]) -> str:
     """The summary: machine, config, latency, throughput, ratios, targets, variants."""
     m, c = results["machine"], results["config"]
+    dirty = " (with uncommitted changes)" if m["git_commit"].endswith("dirty") else ""
     lines = [
         "# Ours vs Feast 0.67, same machine, same run",
         "",
         f"{results['context']['date']}; `{results['context']['command']}`; {json_name}.",
         f"Machine: {m['nproc']} CPUs, {m['memory_gb']} GB, Python {m['python']}, feast "
         f"{m['feast']}, grpcio {m['grpcio']}, redis-py {m['redis_py']}, commit "
-        f"{m['git_commit'][:12]}; load average {m['load_average_at_start'][0]:.2f} at start.",
+        f"{m['git_commit'][:12]}{dirty}; load"
+        f" average {m['load_average_at_start'][0]:.2f} at start,"
+        f" {m.get('load_average_at_end', [float('nan')])[0]:.2f} at end.",
         f"Data: {c['users']:,} users, {c['items']:,} items. Both servers: "
         f"{c['server_workers']} worker process(es). Sequential calls: ours and floors "
         f"{c['iterations_ours']} (after {c['warmup']} warm-up), Feast {c['iterations_feast_1_row']}"
@@ -209,9 +230,13 @@ def markdown(results: dict[str, Any], json_name: str, plots: list[str]) -> str:
         j = results["materialize"][key]
         rows.append([label, f"{j['rows']:,}", _n(j["wall_s"]), _n(j["rows_per_s"]),
                      _n(j["noop_rerun_wall_s"]), _n(j["rows_per_s_net_of_fixed_cost"]),
-                     _n(j["peak_rss_mb"])])  # fmt: skip
-    lines += _table(["job", "rows", "wall s", "rows/s", "no-op rerun s", "rows/s net",
-                     "peak RSS MB"], rows)  # fmt: skip
+                     _n(j.get("rows_per_s_in_job")), _n(j["peak_rss_mb"])])  # fmt: skip
+    lines += _table(["job", "rows", "wall s", "rows/s (wall)", "no-op rerun s",
+                     "rows/s net of no-op", "rows/s in job", "peak RSS MB"], rows)  # fmt: skip
+    lines += ["", "rows/s net of no-op: rows / (wall of the load - wall of a rerun that finds",
+              "nothing new); '-' when that difference is under 10% of the wall time (noise).",
+              "rows/s in job: our job's own summary line (after imports and registry loading);",
+              "Feast prints no such figure."]  # fmt: skip
     lines += ["", "## Targets", ""]
     lines += _table(["target", "measured", "met"],
                     [[t["target"], f"{t['measured']:.2f}", "yes" if t["met"] else "**no**"]
