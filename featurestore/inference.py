@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort  # type: ignore[import-untyped]
+import onnxruntime as ort
 import yaml
 
 from featurestore.errors import ConfigError, FeatureStoreError, InvalidArgument, NotFound

@@ -26,7 +26,7 @@ from urllib.parse import quote
 import redis.asyncio as aioredis
 import yaml
 from redis.exceptions import RedisError
-from tqdm import tqdm  # type: ignore[import-untyped]
+from tqdm import tqdm
 
 from featurestore.errors import ConfigError, Unavailable
 from featurestore.registry import Registry, ViewDef, load_registry
