@@ -13,6 +13,8 @@ Feature references take the forms Feast uses:
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ from featurestore.errors import ConfigError, InvalidArgument, NotFound
 from featurestore.store.layout import DType, FeatureSpec, Layout
 
 __all__ = ["JoinKey", "Registry", "Selection", "VectorSpec", "ViewDef", "load_registry"]
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {
     "INT32": DType.INT32, "INT64": DType.INT64, "FLOAT": DType.FLOAT32,
@@ -134,33 +138,124 @@ def _read_repo_config(repo: Path) -> dict[str, Any]:
 def load_registry(repo: Path) -> Registry:
     """Read the Feast registry of the repo at `repo` and compile it.
 
+    A local registry file is compiled once per content: the result is kept beside it
+    (`<registry>.compiled.json`, keyed by the file's SHA-256), so the server and the
+    cron job start without importing Feast (seconds and ~200 MB) while the registry is
+    unchanged. Other registry types (object storage, SQL) are read through Feast.
+
     Raises ConfigError when the repo or its registry is missing (run `feast apply`).
     """
-    from feast.infra.registry.registry import Registry as FeastRegistry
-    from feast.repo_config import RegistryConfig
-
     repo = repo.resolve()
     config = _read_repo_config(repo)
     project = str(config["project"])
     section = config.get("registry", "data/registry.db")
-    reg_config = (
-        RegistryConfig(**section) if isinstance(section, dict) else RegistryConfig(path=section)
-    )
-    if reg_config.registry_type == "file" and "://" not in reg_config.path:
-        path = Path(reg_config.path)
-        if not path.is_absolute():
-            path = repo / path
-        if not path.exists():
-            raise ConfigError(f"no Feast registry at {path}: run `feast apply` in {repo}")
-        reg_config = reg_config.model_copy(update={"path": str(path)})
+    fields = dict(section) if isinstance(section, dict) else {"path": section}
+    local = _local_registry(repo, fields)
+    if local is None:
+        return _compile_with_feast(repo, project, fields)
+    if not local.exists():
+        raise ConfigError(f"no Feast registry at {local}: run `feast apply` in {repo}")
+    digest = hashlib.sha256(local.read_bytes()).hexdigest()
+    cache = local.with_name(local.name + ".compiled.json")
+    cached = _read_compiled(cache, project, digest)
+    if cached is not None:
+        return cached
+    registry = _compile_with_feast(repo, project, {**fields, "path": str(local)})
+    _write_compiled(cache, registry, digest)
+    return registry
+
+
+def _local_registry(repo: Path, fields: Mapping[str, Any]) -> Path | None:
+    """The registry's local file, or None when it lives elsewhere (S3, GCS, SQL, ...)."""
+    path = str(fields.get("path", ""))
+    if fields.get("registry_type", "file") != "file" or "://" in path or not path:
+        return None
+    local = Path(path)
+    return local if local.is_absolute() else repo / local
+
+
+def _compile_with_feast(repo: Path, project: str, fields: Mapping[str, Any]) -> Registry:
+    from feast.infra.registry.registry import Registry as FeastRegistry
+    from feast.repo_config import RegistryConfig
+
     try:
-        feast_registry = FeastRegistry(project, reg_config, repo)
+        feast_registry = FeastRegistry(project, RegistryConfig(**fields), repo)
         views = feast_registry.list_feature_views(project, allow_cache=False)
         entities = {e.name: e for e in feast_registry.list_entities(project, allow_cache=True)}
         services = feast_registry.list_feature_services(project, allow_cache=True)
     except Exception as exc:  # Feast raises many types; all mean "cannot read it"
         raise ConfigError(f"cannot read the Feast registry of {repo}: {exc}") from exc
     return compile_registry(project, views, entities, services)
+
+
+_COMPILED_FORMAT = 1
+
+
+def _read_compiled(path: Path, project: str, digest: str) -> Registry | None:
+    """The cached compilation if it is of this registry content; None otherwise."""
+    try:
+        data = json.loads(path.read_text())
+        if (data.get("format"), data.get("sha256"), data.get("project")) != (
+            _COMPILED_FORMAT,
+            digest,
+            project,
+        ):
+            return None
+        return _registry_from_dict(data)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent, partial or from another version: compile again
+
+
+def _write_compiled(path: Path, registry: Registry, digest: str) -> None:
+    """Best effort (the folder may be read-only); atomic, so readers never see half."""
+    data = {"format": _COMPILED_FORMAT, "sha256": digest, **_registry_to_dict(registry)}
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+    except OSError as exc:
+        log.info("not caching the compiled registry at %s: %s", path, exc)
+
+
+def _registry_to_dict(registry: Registry) -> dict[str, Any]:
+    views = [
+        {
+            "name": v.name, "ttl_s": v.ttl_s, "table": v.table,
+            "timestamp_field": v.timestamp_field, "created_field": v.created_field,
+            "join_keys": [[k.name, k.dtype.value] for k in v.join_keys],
+            "features": [[f.name, f.dtype.value, f.length] for f in v.layout.features],
+            "vector": None if v.vector is None
+            else [v.vector.feature, v.vector.dim, v.vector.metric],
+        }
+        for v in registry.views.values()
+    ]  # fmt: skip
+    services = {name: [[view, list(fs)] for view, fs in parts]
+                for name, parts in registry.services.items()}  # fmt: skip
+    return {"project": registry.project, "fingerprint": registry.fingerprint,
+            "views": views, "services": services}  # fmt: skip
+
+
+def _registry_from_dict(data: Mapping[str, Any]) -> Registry:
+    views = {}
+    for v in data["views"]:
+        specs = tuple(FeatureSpec(n, DType(t), int(length)) for n, t, length in v["features"])
+        vector = v["vector"]
+        views[v["name"]] = ViewDef(
+            name=v["name"],
+            join_keys=tuple(JoinKey(n, DType(t)) for n, t in v["join_keys"]),
+            ttl_s=float(v["ttl_s"]),
+            layout=Layout(v["name"], specs),
+            table=v["table"],
+            timestamp_field=v["timestamp_field"],
+            created_field=v["created_field"],
+            vector=None if vector is None else VectorSpec(vector[0], int(vector[1]), vector[2]),
+        )
+    services = {
+        name: tuple((view, tuple(fs)) for view, fs in parts)
+        for name, parts in data["services"].items()
+    }
+    return Registry(str(data["project"]), MappingProxyType(views), MappingProxyType(services),
+                    str(data["fingerprint"]))  # fmt: skip
 
 
 def compile_registry(project: str, views: Sequence[Any], entities: Mapping[str, Any],
