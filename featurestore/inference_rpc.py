@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from grpc import aio
 
-from featurestore import metrics
+from featurestore import metrics, wire
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
 from featurestore.errors import InvalidArgument
 from featurestore.indexes import ViewIndexes
@@ -66,7 +66,7 @@ class InferenceRpc:
     ) -> pb.PredictResponse:
         result = await self.scorer.predict(
             request.model,
-            _entities(request.entities),
+            wire.entities(request.entities),
             _request_values(request.request_values),
             timeout_s=context.time_remaining(),
         )
@@ -102,7 +102,7 @@ class InferenceRpc:
             )
         result = await self.scorer.rank(
             request.model,
-            _entities(request.entities),
+            wire.entities(request.entities),
             top_n=request.top_n,
             request_values=_request_values(request.request_values),
             timeout_s=context.time_remaining(),
@@ -134,20 +134,6 @@ def _finish(response: Any, timings: Timings, start: float, breakdown: bool) -> N
                 batch_requests=timings.batch_requests, batch_rows=timings.batch_rows, **us
             )
         )
-
-
-def _entities(columns: Sequence[pb.EntityColumn]) -> dict[str, Sequence[Any]]:
-    entities: dict[str, Sequence[Any]] = {}
-    for column in columns:
-        if column.name in entities:
-            raise InvalidArgument(f"entity column {column.name!r} is sent twice")
-        ints, strings = column.int64_values, column.string_values
-        if ints and strings:
-            raise InvalidArgument(
-                f"entity column {column.name!r} sets both int64_values and string_values"
-            )
-        entities[column.name] = strings if strings else ints
-    return entities
 
 
 def _request_values(columns: Sequence[pb.RequestColumn]) -> RequestValues:

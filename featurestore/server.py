@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from grpc import aio
@@ -25,18 +24,17 @@ from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from featurestore import metrics
+from featurestore import metrics, wire
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
 from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
 from featurestore.config import Settings
-from featurestore.errors import ConfigError, InvalidArgument, Unavailable
+from featurestore.errors import ConfigError, Unavailable
 from featurestore.indexes import ViewIndexes
 from featurestore.indexspec import IndexConfig
 from featurestore.inference_rpc import InferenceRpc
 from featurestore.interceptors import ErrorInterceptor
 from featurestore.lookup import Lookup
 from featurestore.registry import load_registry
-from featurestore.responses import features_response
 from featurestore.search import search_similar
 from featurestore.store.pipe import RedisPipe
 from featurestore.store.redis import connect
@@ -79,7 +77,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
     async def GetOnlineFeatures(
         self, request: pb.GetOnlineFeaturesRequest, context: aio.ServicerContext[Any, Any]
     ) -> pb.GetOnlineFeaturesResponse:
-        entities = _entities(request.entities)
+        entities = wire.entities(request.entities)
         remaining = context.time_remaining()
         # The socket timeout bounds every Redis call; a shorter caller deadline wins.
         timeout_s = (
@@ -90,7 +88,7 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             timeout_s=timeout_s,
         )  # fmt: skip
         start = time.perf_counter()
-        response = features_response(result)
+        response = wire.features_response(result)
         plan_s, redis_s, decode_s = result.timings_s
         metrics.STAGE_PLAN.observe(plan_s)
         metrics.STAGE_REDIS.observe(redis_s)
@@ -122,22 +120,8 @@ class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
             query_count=q, k=k, ids=result.ids.astype("<i8", copy=False).tobytes(),
             scores=result.scores.astype("<f4", copy=False).tobytes(), metric=result.metric,
             index_generation=result.generation,
-            features=None if result.features is None else features_response(result.features),
+            features=None if result.features is None else wire.features_response(result.features),
         )  # fmt: skip
-
-
-def _entities(columns: Sequence[pb.EntityColumn]) -> dict[str, Sequence[Any]]:
-    entities: dict[str, Sequence[Any]] = {}
-    for column in columns:
-        if column.name in entities:
-            raise InvalidArgument(f"entity column {column.name!r} is sent twice")
-        ints, strings = column.int64_values, column.string_values
-        if ints and strings:
-            raise InvalidArgument(
-                f"entity column {column.name!r} sets both int64_values and string_values"
-            )
-        entities[column.name] = strings if strings else ints
-    return entities
 
 
 class FeatureServer:

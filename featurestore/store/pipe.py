@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 from typing import Any, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import hiredis
 
-from featurestore.errors import Unavailable
+from featurestore.errors import ConfigError, Unavailable
 
 __all__ = ["RedisPipe"]
 
@@ -85,25 +86,53 @@ class RedisPipe:
         password: for AUTH, when the server asks for one.
     """
 
-    __slots__ = ("_connecting", "_protocol", "db", "host", "password", "port", "timeout_s")
+    __slots__ = (
+        "_connecting",
+        "_protocol",
+        "auth",
+        "db",
+        "host",
+        "password",
+        "path",
+        "port",
+        "timeout_s",
+        "tls",
+    )  # fmt: skip
 
     def __init__(self, host: str, port: int, *, db: int = 0, timeout_s: float = 1.0,
-                 password: str | None = None) -> None:  # fmt: skip
+                 password: str | None = None, tls: bool = False,
+                 path: str | None = None) -> None:  # fmt: skip
         self.host, self.port, self.db = host, port, db
         self.timeout_s = timeout_s
         self.password = password
+        self.auth: tuple[str, ...] = (password,) if password else ()
+        self.tls = tls  # rediss://: TLS with the system's trust store
+        self.path = path  # unix://: a Unix socket instead of host and port
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
 
+    def with_user(self, username: str | None) -> RedisPipe:
+        """Authenticate as `username` (Redis 6 ACLs) rather than the default user."""
+        if username and self.password:
+            self.auth = (username, self.password)
+        return self
+
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 1.0) -> RedisPipe:
-        """From redis://[:password@]host[:port][/db]."""
+        """From redis://[:password@]host[:port][/db], rediss://... or unix:///path[?db=N]."""
         parts = urlsplit(url)
-        if parts.scheme != "redis":
-            raise Unavailable(f"only redis:// URLs are supported by the read path, not {url!r}")
+        if parts.scheme == "unix":
+            db = int(parse_qs(parts.query).get("db", ["0"])[0])
+            pipe = cls("", 0, db=db, timeout_s=timeout_s, password=parts.password,
+                       path=parts.path)  # fmt: skip
+            return pipe.with_user(parts.username)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ConfigError(f"a Redis URL starts with redis://, rediss:// or unix://: {url!r}")
         db = int(parts.path.lstrip("/") or 0)
-        return cls(parts.hostname or "127.0.0.1", parts.port or 6379, db=db,
-                   timeout_s=timeout_s, password=parts.password)  # fmt: skip
+        pipe = cls(parts.hostname or "127.0.0.1", parts.port or 6379, db=db,
+                   timeout_s=timeout_s, password=parts.password,
+                   tls=parts.scheme == "rediss")  # fmt: skip
+        return pipe.with_user(parts.username)
 
     async def execute(self, *args: bytes | str | int, timeout_s: float | None = None) -> Any:
         """Send one command and await its reply (hiredis types: bytes, list, int, None)."""
@@ -131,18 +160,24 @@ class RedisPipe:
                 return self._protocol  # another caller connected while we waited
             loop = asyncio.get_running_loop()
             try:
-                _, protocol = await asyncio.wait_for(
-                    loop.create_connection(_Protocol, self.host, self.port), self.timeout_s
-                )
+                if self.path:
+                    opening = loop.create_unix_connection(_Protocol, self.path)
+                else:
+                    context = ssl.create_default_context() if self.tls else None
+                    opening = loop.create_connection(_Protocol, self.host, self.port, ssl=context)
+                _, protocol = await asyncio.wait_for(opening, self.timeout_s)
             except (OSError, TimeoutError) as exc:
-                raise Unavailable(
-                    f"Redis is unreachable at {self.host}:{self.port}: {exc}"
-                ) from exc
+                where = self.path or f"{self.host}:{self.port}"
+                raise Unavailable(f"Redis is unreachable at {where}: {exc}") from exc
             self._protocol = protocol
-            if self.password:
-                await self.execute(b"AUTH", self.password)
-            if self.db:
-                await self.execute(b"SELECT", self.db)
+            try:
+                if self.password:
+                    await self.execute(b"AUTH", *self.auth)
+                if self.db:
+                    await self.execute(b"SELECT", self.db)
+            except Unavailable:
+                await self.close()  # never leave an unauthenticated connection behind
+                raise
             return protocol
 
     async def close(self) -> None:

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from featurestore.embedded import free_port
-from featurestore.errors import Unavailable
+from featurestore.errors import ConfigError, Unavailable
 from featurestore.store.layout import DType, FeatureSpec, Layout, decode_rows, encode_rows
 from featurestore.store.pipe import RedisPipe
 from featurestore.store.redis import connect, guarded_write, read_rows
@@ -152,3 +152,21 @@ def test_the_pipe_works_on_uvloop(redis_url: str) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(read()) == [None]
+
+
+def test_pipe_urls() -> None:
+    tls = RedisPipe.from_url("rediss://app:s3cret@cache.internal:6380/2")
+    assert (tls.host, tls.port, tls.db, tls.tls, tls.auth) == (
+        "cache.internal", 6380, 2, True, ("app", "s3cret"),
+    )  # fmt: skip
+    sock = RedisPipe.from_url("unix:///run/redis.sock?db=4")
+    assert (sock.path, sock.db, sock.tls) == ("/run/redis.sock", 4, False)
+    with pytest.raises(ConfigError, match="redis://, rediss:// or unix://"):
+        RedisPipe.from_url("http://localhost:6379")
+
+
+async def test_a_wrong_password_is_unavailable_and_not_kept(redis_url: str) -> None:
+    pipe = RedisPipe.from_url(redis_url.replace("redis://", "redis://:wrong@"))
+    with pytest.raises(Unavailable, match="refused"):
+        await read_rows(pipe, [b"k"])
+    assert pipe._protocol is None

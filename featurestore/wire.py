@@ -1,4 +1,7 @@
-"""LookupResult -> GetOnlineFeaturesResponse, from a per-plan template.
+"""Translation between protobuf and the domain, shared by the servicers.
+
+`entities(columns)` reads a request's entity columns. `features_response(result)`
+writes a LookupResult as a GetOnlineFeaturesResponse, from a per-plan template.
 
 Everything in a response but the bytes of values, offsets, statuses and timestamps
 depends only on the request plan (column names, types, lengths, views). So each plan's
@@ -9,11 +12,15 @@ FeatureColumn messages per request, and byte-identical on the wire.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
+from featurestore.errors import InvalidArgument
 from featurestore.lookup import LookupResult, RequestPlan
 from featurestore.store.layout import DType
 
-__all__ = ["features_response"]
+__all__ = ["entities", "features_response"]
 
 _VALUE_TYPES = {dtype: pb.ValueType.Value(f"VALUE_TYPE_{dtype.name}") for dtype in DType}
 _TEMPLATES_MAX = 512
@@ -55,3 +62,18 @@ def features_response(result: LookupResult) -> pb.GetOnlineFeaturesResponse:
     for view, timestamps in zip(response.views, result.event_ts_us, strict=True):
         view.event_timestamps_us = timestamps
     return response
+
+
+def entities(columns: Sequence[pb.EntityColumn]) -> dict[str, Sequence[Any]]:
+    """Join-key name -> values, from a request's entity columns (checked by the lookup)."""
+    out: dict[str, Sequence[Any]] = {}
+    for column in columns:
+        if column.name in out:
+            raise InvalidArgument(f"entity column {column.name!r} is sent twice")
+        ints, strings = column.int64_values, column.string_values
+        if ints and strings:
+            raise InvalidArgument(
+                f"entity column {column.name!r} sets both int64_values and string_values"
+            )
+        out[column.name] = strings if strings else ints
+    return out

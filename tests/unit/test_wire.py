@@ -9,8 +9,8 @@ import numpy as np
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
 from featurestore.lookup import RequestPlan, decode
 from featurestore.registry import JoinKey, Selection, ViewDef
-from featurestore.responses import features_response
 from featurestore.store.layout import DType, FeatureSpec, Layout, encode_rows
+from featurestore.wire import features_response
 
 SPECS = (
     FeatureSpec("i64", DType.INT64),
