@@ -25,6 +25,15 @@ import numpy as np
 import numpy.typing as npt
 from grpc import aio
 
+from featurestore._client_inference import (
+    Prediction,
+    Ranking,
+    RequestValues,
+    predict_request,
+    prediction,
+    rank_request,
+    ranking,
+)
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
 from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
 from featurestore.errors import (
@@ -37,7 +46,7 @@ from featurestore.errors import (
     Unavailable,
 )
 
-__all__ = ["AsyncClient", "Client", "Neighbours", "OnlineFeatures"]
+__all__ = ["AsyncClient", "Client", "Neighbours", "OnlineFeatures", "Prediction", "Ranking"]
 
 _MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _OPTIONS = [
@@ -331,6 +340,44 @@ class Client:
             raise _error(exc) from exc
         return _neighbours(response)
 
+    def predict(self, model: str, entities: Mapping[str, Any], *,
+                request_values: RequestValues | None = None, breakdown: bool = False,
+                timeout_s: float | None = None) -> Prediction:  # fmt: skip
+        """Score entity rows with a served model (features fetched in the same call).
+
+        Parameters:
+            model: a model of the server's models.yaml, e.g. "ranker".
+            entities: one column per join key; a column of one value is broadcast
+                ({"user_id": [7], "item_id": [1, 2, 3]}).
+            request_values: request-time inputs by name, one value or one per row.
+            breakdown: also return where the time went, per stage.
+
+        >>> client.predict("ranker", {"user_id": [7], "item_id": [1, 2]})  # doctest: +SKIP
+        """
+        request = predict_request(model, entities, request_values, breakdown)
+        try:
+            response = self._stub.Predict(request, timeout=timeout_s or self._timeout_s)
+        except grpc.RpcError as exc:
+            raise _error(exc) from exc
+        return prediction(response)
+
+    def rank(self, model: str, context: Mapping[str, Any], *, candidate_ids: Any = None,
+             query_vector: Any = None, seed_ids: Any = None, n_candidates: int = 500,
+             top_n: int = 20, request_values: RequestValues | None = None,
+             breakdown: bool = False, timeout_s: float | None = None) -> Ranking:  # fmt: skip
+        """The `top_n` best candidates for `context` (e.g. {"user_id": [7]}) by a model.
+
+        Candidates are `candidate_ids`, or `n_candidates` retrieved from the model's
+        embedding view by `query_vector` or by the mean embedding of `seed_ids`.
+        """
+        request = rank_request(model, context, candidate_ids, query_vector, seed_ids,
+                               n_candidates, top_n, request_values, breakdown)  # fmt: skip
+        try:
+            response = self._stub.Rank(request, timeout=timeout_s or self._timeout_s)
+        except grpc.RpcError as exc:
+            raise _error(exc) from exc
+        return ranking(response)
+
     def wait_until_serving(self, timeout_s: float = 30.0) -> None:
         """Block until the server's health check answers SERVING; Unavailable on timeout."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -415,6 +462,30 @@ class AsyncClient:
         except grpc.RpcError as exc:
             raise _error(exc) from exc
         return _neighbours(response)
+
+    async def predict(self, model: str, entities: Mapping[str, Any], *,
+                      request_values: RequestValues | None = None, breakdown: bool = False,
+                      timeout_s: float | None = None) -> Prediction:  # fmt: skip
+        """Score entity rows with a served model; see `Client.predict`."""
+        request = predict_request(model, entities, request_values, breakdown)
+        try:
+            response = await self._stub.Predict(request, timeout=timeout_s or self._timeout_s)
+        except grpc.RpcError as exc:
+            raise _error(exc) from exc
+        return prediction(response)
+
+    async def rank(self, model: str, context: Mapping[str, Any], *, candidate_ids: Any = None,
+                   query_vector: Any = None, seed_ids: Any = None, n_candidates: int = 500,
+                   top_n: int = 20, request_values: RequestValues | None = None,
+                   breakdown: bool = False, timeout_s: float | None = None) -> Ranking:  # fmt: skip
+        """The best candidates for `context` by a model; see `Client.rank`."""
+        request = rank_request(model, context, candidate_ids, query_vector, seed_ids,
+                               n_candidates, top_n, request_values, breakdown)  # fmt: skip
+        try:
+            response = await self._stub.Rank(request, timeout=timeout_s or self._timeout_s)
+        except grpc.RpcError as exc:
+            raise _error(exc) from exc
+        return ranking(response)
 
     async def wait_until_serving(self, timeout_s: float = 30.0) -> None:
         """Wait until the server's health check answers SERVING; Unavailable on timeout."""

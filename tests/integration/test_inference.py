@@ -452,3 +452,35 @@ async def test_bad_input_gets_a_clear_status_and_the_server_keeps_serving(
     assert caught.value.code() == code, caught.value.details()
     assert words in (caught.value.details() or ""), caught.value.details()
     assert len(scores_of(await stub.Predict(predict_request("ranker", 1, [1, 2])))) == 2
+
+
+async def test_the_clients_predict_and_rank_match_the_direct_model(
+    server: FeatureServer, spec: ModelSpec, data: Any
+) -> None:
+    from featurestore import AsyncClient, Client, InvalidArgument, NotFound
+
+    items = list(range(1, 51))
+    want = direct_scores(expected_matrix(spec, data, 3, items, 9))
+    target = f"127.0.0.1:{server.port}"
+    async with AsyncClient(target) as client:
+        got = await client.predict("ranker", {"user_id": [3], "item_id": items},
+                                   request_values={"hour_of_day": [9]}, breakdown=True)  # fmt: skip
+        np.testing.assert_allclose(got.scores, want, rtol=1e-6, atol=1e-7)
+        assert got.breakdown is not None and got.breakdown["model_us"] > 0
+        ranked = await client.rank("ranker", {"user_id": [3]}, candidate_ids=items, top_n=5,
+                                   request_values={"hour_of_day": [9]})  # fmt: skip
+        best = np.argsort(-want, kind="stable")[:5]
+        assert ranked.ids.tolist() == [items[i] for i in best]
+        assert ranked.candidate_count == len(items)
+        with pytest.raises(NotFound, match="nope"):
+            await client.predict("nope", {"user_id": [3], "item_id": items})
+        with pytest.raises(InvalidArgument, match="exactly one of"):
+            await client.rank("ranker", {"user_id": [3]}, top_n=5)
+
+    def blocking_predict() -> Any:  # the server shares this event loop: call from a thread
+        with Client(target) as sync_client:
+            return sync_client.predict("ranker", {"user_id": [3], "item_id": items},
+                                       request_values={"hour_of_day": [9]})  # fmt: skip
+
+    again = await asyncio.to_thread(blocking_predict)
+    np.testing.assert_array_equal(again.scores, got.scores)
