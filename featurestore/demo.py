@@ -131,3 +131,11 @@ def _show_lookup(target: str) -> None:
         for name in shown:
             values = ", ".join(str(v) for v in result.values(name))
             print(f"    {name:<24} [{values}]   status {result.statuses(name).tolist()}")
+        _step("Rank: user 1, 200 items retrieved near items 1-3 (FAISS), top 5 by the ranker")
+        ranked = client.rank(
+            "ranker", {"user_id": [1]}, seed_ids=[1, 2, 3], n_candidates=200, top_n=5,
+            request_values={"hour_of_day": [20]}, breakdown=True,
+        )  # fmt: skip
+        scores = ", ".join(f"{i}: {p:.3f}" for i, p in zip(ranked.ids, ranked.scores, strict=True))
+        total_ms = (ranked.breakdown or {}).get("total_us", 0.0) / 1e3
+        print(f"    items (id: P(click)) {scores}   server time {total_ms:.1f} ms")

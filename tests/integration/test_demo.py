@@ -20,3 +20,4 @@ def test_demo_runs_end_to_end_and_shows_a_lookup(tmp_path: Path) -> None:
     assert "materialized" in done.stdout
     assert "user_profile:age" in done.stdout
     assert "status [1, 1, 1]" in done.stdout
+    assert "P(click)" in done.stdout
