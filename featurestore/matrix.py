@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from featurestore.decode import PRESENT, LookupResult, RequestPlan
 from featurestore.inference import InputColumn, ModelSpec
-from featurestore.lookup import PRESENT, Lookup, LookupResult, RequestPlan
+from featurestore.lookup import Lookup
 from featurestore.store.layout import DType
 
 __all__ = ["InputGroup", "InputPlan", "fill_missing"]

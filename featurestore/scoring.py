@@ -30,6 +30,7 @@ import numpy.typing as npt
 
 from featurestore import metrics
 from featurestore.batching import MicroBatcher
+from featurestore.decode import NOT_FOUND, PRESENT, decode
 from featurestore.errors import DeadlineExceeded, InvalidArgument, NotFound
 from featurestore.indexes import ViewIndexes
 from featurestore.inference import (
@@ -38,7 +39,7 @@ from featurestore.inference import (
     ModelRegistry,
     check_request_values,
 )
-from featurestore.lookup import NOT_FOUND, PRESENT, Lookup, decode
+from featurestore.lookup import Lookup
 from featurestore.matrix import InputPlan, fill_missing
 from featurestore.store.pipe import RedisPipe
 from featurestore.store.redis import read_rows

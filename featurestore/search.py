@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from featurestore.decode import LookupResult
 from featurestore.embedding_index import Ids
 from featurestore.errors import InvalidArgument
 from featurestore.indexes import ViewIndexes
-from featurestore.lookup import Lookup, LookupResult
+from featurestore.lookup import Lookup
 from featurestore.retrieval import IndexManager, SearchResult
 
 __all__ = ["SimilarResult", "ids_from_bytes", "search_similar", "vectors_from_bytes"]

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
+from featurestore.decode import LookupResult, RequestPlan
 from featurestore.errors import InvalidArgument
-from featurestore.lookup import LookupResult, RequestPlan
 from featurestore.store.layout import DType
 
 __all__ = ["entities", "features_response"]

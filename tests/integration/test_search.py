@@ -31,10 +31,10 @@ from featurestore import AsyncClient
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
 from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
 from featurestore.config import Settings
+from featurestore.decode import NOT_FOUND, PRESENT
 from featurestore.errors import Unavailable
 from featurestore.indexes import ViewIndexes
 from featurestore.indexspec import IndexConfig
-from featurestore.lookup import NOT_FOUND, PRESENT
 from featurestore.registry import load_registry
 from featurestore.server import FeatureServer
 from featurestore.store import keys

@@ -27,9 +27,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from featurestore import AsyncClient, Client
 from featurestore.config import Settings
+from featurestore.decode import NOT_FOUND, NULL_VALUE, OUTSIDE_MAX_AGE, PRESENT
 from featurestore.embedded import EmbeddedRedis
 from featurestore.errors import FeatureStoreError
-from featurestore.lookup import NOT_FOUND, NULL_VALUE, OUTSIDE_MAX_AGE, PRESENT
 from featurestore.registry import load_registry
 from featurestore.server import SERVICE_NAME, FeatureServer
 from featurestore.store import keys

@@ -12,16 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from featurestore.decode import NOT_FOUND, NULL_VALUE, OUTSIDE_MAX_AGE, PRESENT, RequestPlan, decode
 from featurestore.errors import InvalidArgument, NotFound
-from featurestore.lookup import (
-    NOT_FOUND,
-    NULL_VALUE,
-    OUTSIDE_MAX_AGE,
-    PRESENT,
-    Lookup,
-    RequestPlan,
-    decode,
-)
+from featurestore.lookup import Lookup
 from featurestore.registry import JoinKey, Registry, ViewDef
 from featurestore.store.layout import DType, FeatureSpec, Layout, decode_rows, encode_rows
 

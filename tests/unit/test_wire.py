@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
-from featurestore.lookup import RequestPlan, decode
+from featurestore.decode import RequestPlan, decode
 from featurestore.registry import JoinKey, Selection, ViewDef
 from featurestore.store.layout import DType, FeatureSpec, Layout, encode_rows
 from featurestore.wire import features_response
