@@ -57,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
         help="embedding views smaller than this get an exact index",
     )
     serve.add_argument("--index-approximate", choices=("hnsw", "ivf"), default="hnsw")
+    serve.add_argument("--cache-bytes", type=int, default=64 << 20,
+                       help="hot-key row cache budget in bytes (0: no cache)")  # fmt: skip
+    serve.add_argument("--cache-max-staleness-s", type=float, default=5.0,
+                       help="serve a cached row at most this long after reading it")  # fmt: skip
+    serve.add_argument("--hot-publish-s", type=float, default=10.0,
+                       help="publish this server's hot keys this often (0: never)")  # fmt: skip
+    serve.add_argument("--warm-budget-s", type=float, default=10.0,
+                       help="time allowed to warm the cache before SERVING")  # fmt: skip
     serve.set_defaults(func=_serve)
     demo = commands.add_parser(
         "demo", help="the quick start: embedded Redis and PostgreSQL, demo data, server, lookup"
@@ -75,7 +83,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         redis_timeout_s=args.redis_timeout_s, max_rows=args.max_rows,
         metrics_port=args.metrics_port, grace_s=args.grace_s,
         index_refresh_s=args.index_refresh_s, index_exact_max=args.index_exact_max,
-        index_approximate=args.index_approximate,
+        index_approximate=args.index_approximate, cache_bytes=args.cache_bytes,
+        cache_max_staleness_s=args.cache_max_staleness_s, hot_publish_s=args.hot_publish_s,
+        warm_budget_s=args.warm_budget_s,
     )  # fmt: skip
 
 

@@ -52,6 +52,13 @@ class Settings:
         index_exact_max: an embedding view with fewer vectors gets an exact (flat)
             index; at and above, `index_approximate`.
         index_approximate: "hnsw" or "ivf".
+        cache_bytes: the hot-key row cache's budget in bytes (0: no cache); see
+            featurestore/hotcache.py.
+        cache_max_staleness_s: the longest a cached row is served after it was read
+            from Redis, float seconds (bounds staleness when an event is lost).
+        hot_publish_s: how often this server publishes its hot keys to the fleet's
+            set, float seconds (0: never).
+        warm_budget_s: how long start-up may spend warming the cache before SERVING.
     """
 
     repo: Path
@@ -67,6 +74,10 @@ class Settings:
     index_refresh_s: float = 300.0
     index_exact_max: int = 50_000
     index_approximate: Literal["hnsw", "ivf"] = "hnsw"
+    cache_bytes: int = 64 << 20
+    cache_max_staleness_s: float = 5.0
+    hot_publish_s: float = 10.0
+    warm_budget_s: float = 10.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "repo", Path(self.repo))
@@ -87,7 +98,9 @@ class Settings:
             raise ConfigError(
                 f"index_approximate must be hnsw or ivf, not {self.index_approximate!r}"
             )
-        for name in ("registry_refresh_s", "redis_timeout_s", "grace_s", "index_refresh_s"):
+        _check_range("cache_bytes", self.cache_bytes, 0, 2**62)
+        for name in ("registry_refresh_s", "redis_timeout_s", "grace_s", "index_refresh_s",
+                     "cache_max_staleness_s", "hot_publish_s", "warm_budget_s"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 seconds, not {getattr(self, name)}")
         if self.redis_timeout_s == 0:
@@ -101,7 +114,10 @@ class Settings:
             f" redis_timeout_s={self.redis_timeout_s}, metrics_port={self.metrics_port},"
             f" grace_s={self.grace_s}, index_refresh_s={self.index_refresh_s},"
             f" index_exact_max={self.index_exact_max},"
-            f" index_approximate={self.index_approximate!r})"
+            f" index_approximate={self.index_approximate!r},"
+            f" cache_bytes={self.cache_bytes},"
+            f" cache_max_staleness_s={self.cache_max_staleness_s},"
+            f" hot_publish_s={self.hot_publish_s}, warm_budget_s={self.warm_budget_s})"
         )
 
     @property

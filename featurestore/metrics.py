@@ -8,6 +8,12 @@
                                                 retrieval, matrix, model, serialization, total
     featurestore_inference_batch_rows           rows per model batch
     featurestore_inference_batch_requests       calls per model batch
+    featurestore_cache_hits_total               row keys served from the hot cache
+    featurestore_cache_misses_total             row keys read from Redis (cache on)
+    featurestore_cache_bytes                    the hot cache's accounted size
+    featurestore_cache_evictions_total          entries evicted for the byte budget
+    featurestore_cache_invalidations_total      invalidations (per view of an event)
+    featurestore_cache_warm_seconds             how long the last warm-up took
 
 Label children are bound once at import: `labels()` on the hot path costs a dict lookup
 and a lock each call.
@@ -15,9 +21,15 @@ and a lock each call.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 __all__ = [
+    "CACHE_BYTES",
+    "CACHE_EVICTIONS",
+    "CACHE_HITS",
+    "CACHE_INVALIDATIONS",
+    "CACHE_MISSES",
+    "CACHE_WARM_SECONDS",
     "INFERENCE_BATCH_REQUESTS",
     "INFERENCE_BATCH_ROWS",
     "INFERENCE_DECODE",
@@ -79,6 +91,17 @@ INFERENCE_MATRIX = INFERENCE_STAGE_SECONDS.labels("matrix")
 INFERENCE_MODEL = INFERENCE_STAGE_SECONDS.labels("model")
 INFERENCE_SERIALIZATION = INFERENCE_STAGE_SECONDS.labels("serialization")
 INFERENCE_TOTAL = INFERENCE_STAGE_SECONDS.labels("total")
+
+CACHE_HITS = Counter("featurestore_cache_hits", "Row keys served from the hot cache.")
+CACHE_MISSES = Counter("featurestore_cache_misses", "Row keys read from Redis, cache on.")
+CACHE_BYTES = Gauge("featurestore_cache_bytes", "Accounted size of the hot cache, bytes.")
+CACHE_EVICTIONS = Counter("featurestore_cache_evictions", "Hot cache entries evicted.")
+CACHE_INVALIDATIONS = Counter(
+    "featurestore_cache_invalidations", "Hot cache invalidations (per view of an event)."
+)
+CACHE_WARM_SECONDS = Gauge(
+    "featurestore_cache_warm_seconds", "Duration of the last hot cache warm-up, seconds."
+)
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0") -> None:

@@ -6,7 +6,10 @@ raised and mapped to statuses by `interceptors.ErrorInterceptor`.
 Life cycle (`FeatureServer`): start -> health NOT_SERVING -> the registry is loaded and
 Redis answers PING -> SERVING. A background task re-reads the registry every
 `registry_refresh_s` off the event loop and swaps it in when its fingerprint changed
-(`feast apply` needs no restart). On stop: NOT_SERVING, then in-flight calls drain
+(`feast apply` needs no restart). With `cache_bytes` > 0 the hot-key cache
+(hotcache.py) follows materialization events from start-up, is warmed with the fleet's hot
+set within `warm_budget_s` before SERVING, and publishes this server's hot keys every
+`hot_publish_s`. On stop: NOT_SERVING, then in-flight calls drain
 within the grace period.
 """
 
@@ -29,6 +32,7 @@ from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
 from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
 from featurestore.config import Settings
 from featurestore.errors import ConfigError, Unavailable
+from featurestore.hotcache import HotCache
 from featurestore.indexes import ViewIndexes
 from featurestore.indexspec import IndexConfig
 from featurestore.inference_rpc import InferenceRpc
@@ -139,6 +143,7 @@ class FeatureServer:
         self.lookup: Lookup | None = None
         self.indexes: ViewIndexes | None = None
         self.inference: InferenceRpc | None = None
+        self.cache: HotCache | None = None
         self.redis: Redis | None = None
         self.port = 0
         self._server: aio.Server | None = None
@@ -155,7 +160,14 @@ class FeatureServer:
         # connection (store/pipe.py: a quarter of a lookup's budget saved).
         redis = self.redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
         pipe = RedisPipe.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
-        self.lookup = Lookup(pipe, registry, max_rows=settings.max_rows)
+        if settings.cache_bytes > 0:
+            self.cache = HotCache(
+                registry.project, settings.redis_url, cache_bytes=settings.cache_bytes,
+                max_staleness_s=settings.cache_max_staleness_s,
+                publish_s=settings.hot_publish_s,
+            )  # fmt: skip
+            self.cache.start()
+        self.lookup = Lookup(pipe, registry, max_rows=settings.max_rows, cache=self.cache)
         self.indexes = ViewIndexes(registry, settings.redis_url, _index_config(settings),
                                    refresh_s=settings.index_refresh_s)  # fmt: skip
         self.indexes.start()
@@ -204,6 +216,11 @@ class FeatureServer:
                 log.warning("Redis does not answer PING yet (%s); retrying", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
+        if self.cache is not None:  # listening first: an event during warm-up counts
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.warm_budget_s):
+                    await self.cache.wait_subscribed()
+            await self.cache.warm(budget_s=self.settings.warm_budget_s)
         if self.indexes is not None:  # readiness includes every embedding view's index
             await self.indexes.wait_ready()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -245,6 +262,8 @@ class FeatureServer:
             await self.inference.close()
         if self.lookup is not None:
             await self.lookup.close()
+        if self.cache is not None:
+            await self.cache.close()
         if self.indexes is not None:
             await self.indexes.close()
         if self.redis is not None:

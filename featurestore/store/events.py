@@ -23,6 +23,11 @@ Size: up to ~20 bytes per id (an int64 in decimal and a comma), so at most ~2 MB
 MAX_EVENT_IDS ids, under Redis's default pub/sub output-buffer limits (8 MB soft, 32 MB
 hard) and about 20 ms of JSON parsing for the subscriber.
 
+Other kinds of event share the channel; a subscriber ignores kinds it does not know:
+
+    {"event": "warm", "limit": 10000}   every server re-reads the fleet's hot set
+                                        (featurestore/hotcache.py; `publish_warm`)
+
 Pub/sub delivers at most once and only to connected subscribers, so an event is a hint:
 a server that misses one catches up on its periodic refresh. Publishing never fails a
 materialization (the rows are already written and acknowledged). Parsing never raises:
@@ -43,7 +48,7 @@ from redis.exceptions import RedisError
 
 from featurestore.store.keys import events_channel
 
-__all__ = ["MAX_EVENT_IDS", "WrittenEvent", "parse_event", "publish_written"]
+__all__ = ["MAX_EVENT_IDS", "WrittenEvent", "parse_event", "publish_warm", "publish_written"]
 
 log = logging.getLogger(__name__)
 # Most entity ids one event carries per view; a larger run is announced without them.
@@ -102,6 +107,13 @@ async def publish_written(
         return 0
 
 
+async def publish_warm(client: aioredis.Redis, project: str, limit: int) -> int:
+    """Ask every server to re-warm its hot cache with the fleet's `limit` hottest keys;
+    returns the subscribers reached. Redis errors propagate (the caller asked for this)."""
+    message = json.dumps({"event": "warm", "limit": int(limit)})
+    return int(await client.publish(events_channel(project), message))
+
+
 def parse_event(data: bytes | str) -> WrittenEvent:
     """The "written" event in `data`; one naming no view for anything else (logged)."""
     try:
@@ -115,6 +127,9 @@ def parse_event(data: bytes | str) -> WrittenEvent:
         or not isinstance(views, list)
         or not all(isinstance(v, str) for v in views)
     ):
+        kind = event.get("event") if isinstance(event, dict) else None
+        if isinstance(kind, str) and kind != "written":  # another kind of event: not ours
+            return WrittenEvent()
         log.warning("ignoring a malformed materialization event: %.200r", data)
         return WrittenEvent()
     epoch = event.get("epoch_us")

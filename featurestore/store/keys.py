@@ -11,7 +11,8 @@ Cluster hash tag: every view of one entity hashes to the same slot, so one entit
 are read from one node.
 
 Bookkeeping lives under `<project>:__meta__:...` (watermarks, the run lock, layouts);
-`<project>:__meta__:events` is the pub/sub channel of materialization events.
+`<project>:__meta__:events` is the pub/sub channel of materialization events;
+`<project>:__meta__:hot` is the fleet's hot row keys (a sorted set, see hotcache.py).
 
     >>> row_key("recsys", "user_profile", entity_token([42]))
     b'recsys:user_profile:{42}'
@@ -26,6 +27,7 @@ __all__ = [
     "entity_token",
     "entity_tokens",
     "events_channel",
+    "hot_key",
     "lock_key",
     "meta_key",
     "row_key",
@@ -83,3 +85,8 @@ def lock_key(project: str, name: str = "materialize") -> bytes:
 def events_channel(project: str) -> bytes:
     """The pub/sub channel on which materialization announces the views it wrote."""
     return meta_key(project, "events")
+
+
+def hot_key(project: str) -> bytes:
+    """The sorted set of the fleet's hot row keys, scored by decayed request counts."""
+    return meta_key(project, "hot")

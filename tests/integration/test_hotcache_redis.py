@@ -1,0 +1,272 @@
+"""The hot-key cache against real Redis: same answers as without it, never a value older
+than its invalidation, bounded staleness when the event is lost, warm start-up, and the
+MGET count (one per request, none when every row is cached)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+
+from featurestore import AsyncClient, wire
+from featurestore.config import Settings
+from featurestore.decode import OUTSIDE_MAX_AGE, PRESENT
+from featurestore.hotcache import HotCache
+from featurestore.lookup import Lookup
+from featurestore.registry import Registry, load_registry
+from featurestore.server import FeatureServer
+from featurestore.store import keys
+from featurestore.store.events import publish_warm, publish_written
+from featurestore.store.layout import encode_rows
+from featurestore.store.pipe import RedisPipe
+from featurestore.store.redis import guarded_write
+
+FEATURES = ["user_profile", "user_activity", "item_stats:price"]
+DAY_US = 86_400 * 10**6
+
+
+class CountingPipe(RedisPipe):
+    """A RedisPipe that counts the commands it sends."""
+
+    calls = 0
+
+    async def execute(self, *args: bytes | str | int, timeout_s: float | None = None) -> Any:
+        self.calls += 1
+        return await super().execute(*args, timeout_s=timeout_s)
+
+
+def columns(registry: Registry, view: str, values: Sequence[float]) -> dict[str, Any]:
+    """A column per feature of `view`, row i holding `values[i]` (or its text)."""
+    out: dict[str, Any] = {}
+    for spec in registry.views[view].layout.features:
+        if spec.fixed:
+            col = np.asarray(values, dtype=np.float64)
+            if spec.length:
+                col = np.repeat(col[:, None], spec.length, axis=1)
+            out[spec.name] = col.astype(spec.dtype.element)
+        else:
+            out[spec.name] = [f"v{v}" for v in values]
+    return out
+
+
+async def write(client: aioredis.Redis, registry: Registry, view: str, ids: Sequence[int],
+                values: Sequence[float], ts_us: int) -> None:  # fmt: skip
+    layout = registry.views[view].layout
+    rows = encode_rows(layout, np.full(len(ids), ts_us), columns(registry, view, values))
+    row_keys = keys.row_keys(registry.project, view, keys.entity_tokens([list(ids)]))
+    await guarded_write(client, [(row_keys, rows)], 0, [])
+
+
+async def write_all(client: aioredis.Redis, registry: Registry, n: int, ts_us: int) -> None:
+    ids = list(range(n))
+    for view in ("user_profile", "user_activity", "item_stats"):
+        await write(client, registry, view, ids, [float(i) for i in ids], ts_us)
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Return once `condition()` holds; fail after `timeout_s`."""
+    for _ in range(int(timeout_s / 0.001)):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("timed out waiting")
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@pytest.fixture
+def registry(feature_repo: Path) -> Registry:
+    return load_registry(feature_repo)
+
+
+@pytest.fixture
+async def cached(
+    redis_url: str, registry: Registry, redis_client: aioredis.Redis
+) -> AsyncIterator[tuple[Lookup, HotCache]]:
+    cache = HotCache(registry.project, redis_url, max_staleness_s=60, publish_s=0)
+    cache.start()
+    await asyncio.wait_for(cache.wait_subscribed(), 5)
+    lookup = Lookup(CountingPipe.from_url(redis_url), registry, cache=cache)
+    yield lookup, cache
+    await lookup.close()
+    await cache.close()
+
+
+@pytest.fixture
+async def plain(redis_url: str, registry: Registry) -> AsyncIterator[Lookup]:
+    lookup = Lookup(RedisPipe.from_url(redis_url), registry)
+    yield lookup
+    await lookup.close()
+
+
+def entities(ids: Sequence[int]) -> dict[str, list[int]]:
+    return {"user_id": list(ids), "item_id": list(ids)}
+
+
+def wire_bytes(result: Any) -> bytes:
+    return wire.features_response(result).SerializeToString()  # type: ignore[no-any-return]
+
+
+async def value_of(lookup: Lookup, user: int) -> float:
+    result = await lookup.get_online_features({"item_id": [user]}, ["item_stats:price"])
+    return float(np.frombuffer(result.values[0], dtype="<f8")[0])
+
+
+def mget_pipe(lookup: Lookup) -> CountingPipe:
+    pipe = lookup._redis
+    assert isinstance(pipe, CountingPipe)
+    return pipe
+
+
+async def test_cache_on_and_off_answer_byte_identically(
+    cached: tuple[Lookup, HotCache], plain: Lookup, registry: Registry,
+    redis_client: aioredis.Redis,
+) -> None:  # fmt: skip
+    lookup, cache = cached
+    await write_all(redis_client, registry, 300, now_us())
+    # Rows past user_activity's TTL (2 days) and absent rows are in the requests too.
+    old_us = now_us() - 3 * DAY_US
+    await write(redis_client, registry, "user_activity", [0, 1, 2], [0, 1, 2], old_us)
+    rng = np.random.default_rng(3)
+    hits_before = REGISTRY.get_sample_value("featurestore_cache_hits_total") or 0.0
+    for _ in range(300):
+        n = int(rng.choice([1, 10, 100]))
+        ids = np.minimum(rng.zipf(1.3, n) - 1, 399).tolist()  # ids >= 300 are absent
+        on = await lookup.get_online_features(entities(ids), FEATURES)
+        off = await plain.get_online_features(entities(ids), FEATURES)
+        assert wire_bytes(on) == wire_bytes(off)
+    hits = (REGISTRY.get_sample_value("featurestore_cache_hits_total") or 0.0) - hits_before
+    assert hits > 1000 and len(cache.rows) > 0
+
+
+async def test_ttl_statuses_are_the_same_for_cached_rows(
+    cached: tuple[Lookup, HotCache], plain: Lookup, registry: Registry,
+    redis_client: aioredis.Redis,
+) -> None:  # fmt: skip
+    lookup, cache = cached
+    await write(redis_client, registry, "user_activity", [5, 6], [5, 6], now_us() - 3 * DAY_US)
+    await write(redis_client, registry, "user_activity", [7], [7], now_us())
+    ents = {"user_id": [5, 6, 7]}
+    for _ in range(5):
+        result = await lookup.get_online_features(ents, ["user_activity"])
+    assert set(keys.row_keys(registry.project, "user_activity", [b"5", b"6", b"7"])) <= set(
+        k for k in cache.rows._entries
+    )
+    statuses = np.frombuffer(result.statuses[0], dtype=np.uint8).tolist()
+    assert statuses == [OUTSIDE_MAX_AGE, OUTSIDE_MAX_AGE, PRESENT]
+    off = await plain.get_online_features(ents, ["user_activity"])
+    assert wire_bytes(result) == wire_bytes(off)
+
+
+async def test_one_mget_per_request_and_none_when_all_cached(
+    cached: tuple[Lookup, HotCache], registry: Registry, redis_client: aioredis.Redis
+) -> None:
+    lookup, _ = cached
+    pipe = mget_pipe(lookup)
+    await write_all(redis_client, registry, 50, now_us())
+    ids = list(range(50))
+    for expected in (1, 2, 2, 2):  # counted hot after 2 reads, cached, then served
+        await lookup.get_online_features(entities(ids), FEATURES)
+        assert pipe.calls == expected
+    await lookup.get_online_features(entities([*ids, 60]), FEATURES)  # one miss: one MGET
+    assert pipe.calls == 3
+
+
+async def test_invalidated_value_is_never_served_after_the_event(
+    cached: tuple[Lookup, HotCache], registry: Registry, redis_client: aioredis.Redis
+) -> None:
+    lookup, cache = cached
+    await write_all(redis_client, registry, 10, now_us())
+    for _ in range(3):
+        assert await value_of(lookup, 4) == 4.0
+    for version in range(1, 6):
+        await write(redis_client, registry, "item_stats", [4], [100.0 + version], now_us())
+        events = cache.events
+        await publish_written(redis_client, registry.project, ["item_stats"],
+                              ids={"item_stats": [4]})  # fmt: skip
+        await until(lambda events=events: cache.events > events)  # type: ignore[misc]
+        assert await value_of(lookup, 4) == 100.0 + version  # at once, and ever after
+        await asyncio.sleep(0.05)  # the re-warm ran: a hit with the new value
+        assert await value_of(lookup, 4) == 100.0 + version
+    # An event without ids drops the whole view.
+    await write(redis_client, registry, "item_stats", [3], [33.0], now_us())
+    await publish_written(redis_client, registry.project, ["item_stats"])
+    await until(lambda: cache.events > events + 1)
+    assert await value_of(lookup, 3) == 33.0
+
+
+async def test_a_read_that_raced_an_invalidation_is_not_cached(
+    cached: tuple[Lookup, HotCache],
+) -> None:
+    _, cache = cached
+    key = b"x:item_stats:{1}"
+    cache.hot.seed([key])
+    epoch = cache.epoch
+    cache.rows.invalidate([key])  # the event arrived while the read was in flight
+    assert cache.put_many([key], [b"old row"], epoch, time.monotonic()) == 0
+    assert key not in cache.rows
+
+
+async def test_a_lost_event_is_bounded_by_max_staleness(
+    redis_url: str, registry: Registry, redis_client: aioredis.Redis
+) -> None:
+    cache = HotCache(registry.project, redis_url, max_staleness_s=0.5, publish_s=0)
+    lookup = Lookup(RedisPipe.from_url(redis_url), registry, cache=cache)  # no listener
+    try:
+        await write_all(redis_client, registry, 10, now_us())
+        for _ in range(3):
+            assert await value_of(lookup, 2) == 2.0
+        await write(redis_client, registry, "item_stats", [2], [222.0], now_us())
+        written = time.monotonic()
+        seen = await value_of(lookup, 2)
+        assert seen == 2.0  # the cached, now stale, row: the event was "lost"
+        while seen != 222.0:
+            await asyncio.sleep(0.01)
+            seen = await value_of(lookup, 2)
+        assert time.monotonic() - written <= 0.5 + 0.05
+    finally:
+        await lookup.close()
+        await cache.close()
+
+
+async def test_a_fresh_server_starts_with_the_hot_set_loaded(
+    feature_repo: Path, redis_url: str, registry: Registry, redis_client: aioredis.Redis
+) -> None:
+    await write_all(redis_client, registry, 100, now_us())
+    settings = Settings(repo=feature_repo, redis_url=redis_url, host="127.0.0.1", port=0,
+                        registry_refresh_s=0, hot_publish_s=0, index_refresh_s=0)  # fmt: skip
+    first = FeatureServer(settings)
+    await first.start()
+    try:
+        assert first.lookup is not None and first.cache is not None
+        for _ in range(3):
+            await first.lookup.get_online_features(entities(range(20)), FEATURES)
+        assert await first.cache.publish() == 60
+    finally:
+        await first.stop(0)
+    second = FeatureServer(settings)
+    await second.start()
+    try:
+        assert second.lookup is not None and second.cache is not None
+        async with AsyncClient(f"127.0.0.1:{second.port}") as client:
+            await client.wait_until_serving(10)
+        assert len(second.cache.rows) == 60
+        before = REGISTRY.get_sample_value("featurestore_cache_misses_total") or 0.0
+        await second.lookup.get_online_features(entities(range(20)), FEATURES)
+        assert (REGISTRY.get_sample_value("featurestore_cache_misses_total") or 0.0) == before
+        # A "warm" event makes it warm again (e.g. after `featurestore-materialize warm`).
+        second.cache.rows.clear()
+        await publish_warm(redis_client, registry.project, 10)
+        cache = second.cache
+        await until(lambda: len(cache.rows) >= 10)
+    finally:
+        await second.stop(0)
