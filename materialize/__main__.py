@@ -2,6 +2,11 @@
 
     featurestore-materialize incremental [--views a,b] [--repo PATH] [--redis URL] [--dsn DSN]
     featurestore-materialize backfill --start 2026-11-01T00:00 --end 2026-11-20T00:00
+    featurestore-materialize warm [--limit 10000] [--repo PATH] [--redis URL]
+
+`warm` writes nothing: it publishes a "warm" event on the project's events channel, and
+every running server re-reads the fleet's hot set (`<project>:__meta__:hot`) into its
+hot-key cache (featurestore/hotcache.py); servers without a cache ignore it.
 
 Prints one summary line on stdout on success. On failure it prints one line on stderr
 (no traceback unless -v) and exits with a code the scheduler can branch on:
@@ -21,6 +26,8 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+
+from redis.exceptions import RedisError
 
 from featurestore.errors import (
     ConfigError,
@@ -62,7 +69,29 @@ def _parser() -> argparse.ArgumentParser:
                                 help="a given window; watermarks stay")  # fmt: skip
     backfill.add_argument("--start", type=_moment, required=True, help="ISO time, inclusive")
     backfill.add_argument("--end", type=_moment, required=True, help="ISO time, exclusive")
+    warm = modes.add_parser("warm", parents=[after],
+                            help="ask every server to re-warm its hot-key cache")  # fmt: skip
+    warm.add_argument("--limit", type=int, default=10_000, help="hot keys to read (>= 1)")
     return parser
+
+
+async def _warm(args: argparse.Namespace) -> str:
+    """Publish the "warm" event; the summary line."""
+    from featurestore.registry import load_registry
+    from featurestore.store.events import publish_warm
+    from featurestore.store.redis import connect
+
+    if args.limit < 1:
+        raise InvalidArgument(f"--limit must be >= 1, not {args.limit}")
+    project = load_registry(args.repo).project
+    client = connect(args.redis)
+    try:
+        reached = await publish_warm(client, project, args.limit)
+    except (RedisError, OSError) as exc:
+        raise Unavailable(f"Redis is unreachable: {exc}") from exc
+    finally:
+        await client.aclose()
+    return f"warm: asked {reached} subscriber(s) of {project!r} to re-warm {args.limit} hot keys"
 
 
 def _options(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
@@ -111,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.mode == "warm":
+            print(asyncio.run(_warm(args)))
+            return 0
         summary = asyncio.run(run(_settings(args)))
     except FeatureStoreError as exc:
         print(f"featurestore-materialize: {exc}", file=sys.stderr)

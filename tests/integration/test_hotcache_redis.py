@@ -270,3 +270,20 @@ async def test_a_fresh_server_starts_with_the_hot_set_loaded(
         await until(lambda: len(cache.rows) >= 10)
     finally:
         await second.stop(0)
+
+
+async def test_materialize_warm_makes_servers_rewarm(
+    cached: tuple[Lookup, HotCache], feature_repo: Path, redis_url: str, registry: Registry,
+    redis_client: aioredis.Redis, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from materialize.__main__ import main
+
+    _, cache = cached
+    await write_all(redis_client, registry, 10, now_us())
+    hot = keys.row_keys(registry.project, "item_stats", [b"%d" % i for i in range(10)])
+    await redis_client.zadd(keys.hot_key(registry.project), {k: 10 - i for i, k in enumerate(hot)})
+    argv = ["warm", "--repo", str(feature_repo), "--redis", redis_url, "--limit", "4"]
+    assert await asyncio.to_thread(main, argv) == 0
+    assert "asked 1 subscriber(s)" in capsys.readouterr().out
+    await until(lambda: len(cache.rows) == 4)
+    assert all(k in cache.rows for k in hot[:4])
