@@ -5,7 +5,7 @@ pre-warm, in the same run.
 
 Starts an embedded Redis, writes `--users` rows of user_profile, user_activity and
 item_stats (as bench_lookup.py does), then two feature servers on the same Redis: one with
-the cache (defaults: 64 MiB, 5 s staleness) and one with --cache-bytes 0. Requests draw
+the cache (64 MiB, 5 s staleness) and one with --cache-bytes 0. Requests draw
 user and item ids from a Zipf law (s = 1.1) over the `--users` written ids, 1 and 100
 entities x 50 features (3 views: 3 keys per entity). Reported per server and size: hit
 ratio (the server's own counters, from /metrics), p50/p99 sequential, throughput with 32
@@ -59,6 +59,9 @@ def scrape(metrics_port: int) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
+
+
+ON = str(64 << 20)  # the cache's budget when on: 64 MiB (it is off by default)
 
 
 @contextmanager
@@ -127,13 +130,13 @@ async def run(args: argparse.Namespace) -> None:
                                        "write_s": write_s}  # fmt: skip
             with server(repo, url, "--cache-bytes", "0") as (port, mport):
                 results["cache_off"] = await measure(port, mport, batches, args.iterations)
-            with server(repo, url, "--hot-publish-s", "1") as (port, mport):
+            with server(repo, url, "--cache-bytes", ON, "--hot-publish-s", "1") as (port, mport):
                 results["cache_on"] = await measure(port, mport, batches, args.iterations)
                 await asyncio.sleep(1.5)  # one more publication of the hot set
             restart_pool = zipf_batches(1000, 100, args.users, np.random.default_rng(12))
-            with server(repo, url) as (port, _):
+            with server(repo, url, "--cache-bytes", ON) as (port, _):
                 results["restart_prewarm"] = await first_requests(port, restart_pool)
-            with server(repo, url, "--warm-budget-s", "0") as (port, _):
+            with server(repo, url, "--cache-bytes", ON, "--warm-budget-s", "0") as (port, _):
                 results["restart_cold"] = await first_requests(port, restart_pool)
     rows = []
     for mode in ("cache_off", "cache_on"):

@@ -57,8 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         help="embedding views smaller than this get an exact index",
     )
     serve.add_argument("--index-approximate", choices=("hnsw", "ivf"), default="hnsw")
-    serve.add_argument("--cache-bytes", type=int, default=64 << 20,
-                       help="hot-key row cache budget in bytes (0: no cache)")  # fmt: skip
+    serve.add_argument("--cache-bytes", type=int, default=0,
+                       help="hot-key row cache budget in bytes (default 0: no cache)")  # fmt: skip
     serve.add_argument("--cache-max-staleness-s", type=float, default=5.0,
                        help="serve a cached row at most this long after reading it")  # fmt: skip
     serve.add_argument("--hot-publish-s", type=float, default=10.0,

@@ -53,7 +53,8 @@ class Settings:
             index; at and above, `index_approximate`.
         index_approximate: "hnsw" or "ivf".
         cache_bytes: the hot-key row cache's budget in bytes (0: no cache); see
-            featurestore/hotcache.py.
+            featurestore/hotcache.py. Off by default: against a Redis on the same host
+            its bookkeeping costs more than the round trip it saves (bench_hotcache).
         cache_max_staleness_s: the longest a cached row is served after it was read
             from Redis, float seconds (bounds staleness when an event is lost).
         hot_publish_s: how often this server publishes its hot keys to the fleet's
@@ -74,7 +75,7 @@ class Settings:
     index_refresh_s: float = 300.0
     index_exact_max: int = 50_000
     index_approximate: Literal["hnsw", "ivf"] = "hnsw"
-    cache_bytes: int = 64 << 20
+    cache_bytes: int = 0
     cache_max_staleness_s: float = 5.0
     hot_publish_s: float = 10.0
     warm_budget_s: float = 10.0

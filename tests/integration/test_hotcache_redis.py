@@ -243,7 +243,8 @@ async def test_a_fresh_server_starts_with_the_hot_set_loaded(
 ) -> None:
     await write_all(redis_client, registry, 100, now_us())
     settings = Settings(repo=feature_repo, redis_url=redis_url, host="127.0.0.1", port=0,
-                        registry_refresh_s=0, hot_publish_s=0, index_refresh_s=0)  # fmt: skip
+                        registry_refresh_s=0, hot_publish_s=0, index_refresh_s=0,
+                        cache_bytes=64 << 20)  # fmt: skip
     first = FeatureServer(settings)
     await first.start()
     try:
