@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -69,6 +69,39 @@ def pg_env(dsn: str, feast_redis: str = "127.0.0.1:6379") -> dict[str, str]:
     }
 
 
+def feast_apply(repo: Path) -> None:
+    """Run `feast apply` in `repo` (with the environment feature_store.yaml reads)."""
+    feast = Path(sys.executable).parent / "feast"
+    subprocess.run([str(feast), "apply"], cwd=repo, check=True, capture_output=True,
+                   env=os.environ.copy())  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def apply_repo() -> Callable[[Path], None]:
+    """`feast apply` as a function, for tests that change a repo's definitions."""
+    return feast_apply
+
+
+@pytest.fixture(scope="session")
+def make_repo(
+    feature_repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str, Mapping[str, str]], Path]:
+    """A factory: a copy of the applied repo plus extra definition files, applied again.
+
+    make_repo("search", {"extra.py": "...Feast definitions..."}) -> the new repo's path
+    """
+
+    def make(name: str, files: Mapping[str, str]) -> Path:
+        repo = tmp_path_factory.mktemp(name) / "repo"
+        shutil.copytree(feature_repo, repo)
+        for file, text in files.items():
+            (repo / file).write_text(text)
+        feast_apply(repo)
+        return repo
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def feature_repo(tmp_path_factory: pytest.TempPathFactory, pg_dsn: str) -> Path:
     """A copy of feature_repo/ with `feast apply` run in it; its registry is fresh."""
@@ -77,8 +110,7 @@ def feature_repo(tmp_path_factory: pytest.TempPathFactory, pg_dsn: str) -> Path:
         ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("data", "__pycache__")
     )
     os.environ.update(pg_env(pg_dsn))
-    feast = Path(sys.executable).parent / "feast"
-    subprocess.run([str(feast), "apply"], cwd=repo, check=True, capture_output=True)
+    feast_apply(repo)
     return repo
 
 

@@ -11,12 +11,8 @@ materializer's own `publish_written`.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -90,19 +86,9 @@ async def write(redis: aioredis.Redis, repo: Path, view: str, ids: npt.NDArray[n
     await guarded_write(redis, batches, 0, [])
 
 
-def feast_apply(repo: Path) -> None:
-    feast = Path(sys.executable).parent / "feast"
-    subprocess.run([str(feast), "apply"], cwd=repo, check=True, capture_output=True,
-                   env=os.environ.copy())  # fmt: skip
-
-
 @pytest.fixture(scope="module")
-def repo(feature_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("search") / "repo"
-    shutil.copytree(feature_repo, repo)
-    (repo / "extra.py").write_text(EXTRA_VIEWS)
-    feast_apply(repo)
-    return repo
+def repo(make_repo: Callable[[str, Mapping[str, str]], Path]) -> Path:
+    return make_repo("search", {"extra.py": EXTRA_VIEWS})
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,8 @@ them (encode_rows + guarded_write).
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,20 +56,9 @@ typed = FeatureView(
 """
 
 
-def feast_apply(repo: Path) -> None:
-    feast = Path(sys.executable).parent / "feast"
-    subprocess.run([str(feast), "apply"], cwd=repo, check=True, capture_output=True,
-                   env=os.environ.copy())  # fmt: skip
-
-
 @pytest.fixture(scope="module")
-def repo(feature_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The applied project repo plus the `typed` view, applied."""
-    repo = tmp_path_factory.mktemp("typed") / "repo"
-    shutil.copytree(feature_repo, repo)
-    (repo / "typed.py").write_text(TYPED_VIEW)
-    feast_apply(repo)
-    return repo
+def repo(make_repo: Callable[[str, Mapping[str, str]], Path]) -> Path:
+    return make_repo("typed", {"typed.py": TYPED_VIEW})
 
 
 @pytest.fixture(scope="module")
@@ -197,20 +182,20 @@ def _zeros(repo: Path, view: str, **values: float) -> dict[str, Any]:
 
 
 async def test_registry_reload_serves_a_changed_definition(
-    server: FeatureServer, client: AsyncClient, repo: Path
+    server: FeatureServer, client: AsyncClient, repo: Path, apply_repo: Callable[[Path], None]
 ) -> None:
     assert not await server.reload()  # unchanged: nothing swapped
     text = (repo / "typed.py").read_text()
     (repo / "typed.py").write_text(text.replace('Field(name="i32", dtype=Int32), ', ""))
     try:
-        await asyncio.to_thread(feast_apply, repo)
+        await asyncio.to_thread(apply_repo, repo)
         assert await server.reload()
         with pytest.raises(FeatureStoreError, match="no feature 'i32'") as info:
             await client.get_online_features({"account_id": ["a"]}, ["typed:i32"])
         assert _code(info) == grpc.StatusCode.NOT_FOUND
     finally:
         (repo / "typed.py").write_text(text)
-        await asyncio.to_thread(feast_apply, repo)
+        await asyncio.to_thread(apply_repo, repo)
         assert await server.reload()
 
 
