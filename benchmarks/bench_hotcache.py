@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 from bench_lookup import FEATURES, applied_repo, process, write_rows
-from harness import Stats, latency, print_table, throughput, write_results
+from harness import Stats, latency, print_table, run_on_uvloop, throughput, write_results
 
 from featurestore import AsyncClient
 from featurestore.embedded import EmbeddedRedis, free_port
@@ -158,14 +158,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--iterations", type=int, default=2000)
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:
-        runner = asyncio.Runner()
-    with runner:
-        runner.run(run(args))
+    run_on_uvloop(run(args))
 
 
 if __name__ == "__main__":

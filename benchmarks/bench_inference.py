@@ -32,7 +32,7 @@ from grpc import aio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lookup import FEATURES, applied_repo, process, write_rows
-from harness import Stats, print_table, write_results
+from harness import Stats, print_table, run_on_uvloop, write_results
 
 from featurestore import AsyncClient
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
@@ -306,14 +306,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=1000)
     parser.add_argument("--duration-s", type=float, default=3.0)
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:
-        runner = asyncio.Runner()
-    with runner:
-        runner.run(run(args))
+    run_on_uvloop(run(args))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ as the lookup's response, and a redis.asyncio MGET of the same keys.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shutil
 import subprocess
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 import redis.asyncio as aioredis
 from grpc import aio
-from harness import Stats, latency, print_table, throughput, write_results
+from harness import Stats, latency, print_table, run_on_uvloop, throughput, write_results
 
 from featurestore import AsyncClient
 from featurestore.client import _request
@@ -219,14 +218,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--entities", type=int, nargs="+", default=[1, 100, 1000])
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:
-        runner = asyncio.Runner()
-    with runner:
-        runner.run(run(args))
+    run_on_uvloop(run(args))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import numpy.typing as npt
 import redis.asyncio as aioredis
 from bench_lookup import applied_repo, process
 from bench_retrieval import clustered
-from harness import Stats, latency, print_table, write_results
+from harness import Stats, latency, print_table, run_on_uvloop, write_results
 
 from featurestore import AsyncClient
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
@@ -237,14 +237,7 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=5.0)
     parser.add_argument("--changed", type=int, default=10_000)
     args = parser.parse_args()
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:
-        runner = asyncio.Runner()
-    with runner:
-        out = runner.run(run(args))
+    out = run_on_uvloop(run(args))
     report(out)
     print("wrote", write_results(f"search-n{args.n}", out))
 

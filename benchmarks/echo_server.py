@@ -9,13 +9,13 @@ left is gRPC's own cost on this machine, the floor a lookup cannot beat.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import sys
 from typing import Any
 
 import grpc
 from grpc import aio
+from harness import run_on_uvloop
 
 METHOD = "/bench.Echo/Echo"
 
@@ -44,14 +44,7 @@ async def serve(port: int) -> None:
 
 
 def main() -> None:
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:
-        runner = asyncio.Runner()
-    with runner:
-        runner.run(serve(int(sys.argv[1])))
+    run_on_uvloop(serve(int(sys.argv[1])))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from harness import Stats, latency, throughput
+from harness import Stats, latency, run_on_uvloop, throughput
 
 Spec = dict[str, Any]
 
@@ -205,14 +205,7 @@ ROLES = {"grpc": run_grpc, "sdk": run_sdk, "http": run_http}
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:
-        runner = asyncio.Runner()
-    with runner:
-        results = runner.run(ROLES[spec["role"]](spec))
+    results = run_on_uvloop(ROLES[spec["role"]](spec))
     print(json.dumps(results))
 
 

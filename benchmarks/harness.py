@@ -17,12 +17,14 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 __all__ = ["Stats", "latency", "print_table", "throughput", "write_results"]
 
@@ -113,3 +115,15 @@ def _json(value: Any) -> Any:
     if isinstance(value, Stats):
         return asdict(value)
     raise TypeError(type(value))
+
+
+def run_on_uvloop(main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` to completion on uvloop (the server's loop) when it is installed."""
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        return runner.run(main)
