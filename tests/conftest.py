@@ -12,6 +12,7 @@ PostgreSQL, so tests never touch the developer's own registry.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
+from types import ModuleType
 from urllib.parse import urlsplit
 
 import pytest
@@ -74,6 +76,18 @@ def feast_apply(repo: Path) -> None:
     feast = Path(sys.executable).parent / "feast"
     subprocess.run([str(feast), "apply"], cwd=repo, check=True, capture_output=True,
                    env=os.environ.copy())  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def generator() -> ModuleType:
+    """feature_repo/generate.py (the demo data generator) as a module; it is a script
+    beside the Feast definitions, not part of the installed package."""
+    spec = importlib.util.spec_from_file_location("generate", ROOT / "feature_repo/generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["generate"] = module  # dataclasses look their module up while building
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

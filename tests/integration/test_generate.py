@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,15 +14,6 @@ import pytest
 from featurestore.registry import Registry, load_registry
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("generate", ROOT / "feature_repo/generate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["generate"] = module  # dataclasses look their module up while building
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +40,9 @@ async def _fetch(dsn: str, sql: str) -> list[asyncpg.Record]:
 
 
 async def test_generated_tables_are_plausible_and_deterministic(
-    gen_dsn: str, registry: Registry
+    gen_dsn: str, registry: Registry, generator: ModuleType
 ) -> None:
-    gen = _generator()
+    gen = generator
     now = datetime(2026, 11, 23, tzinfo=UTC)
     options = gen.GenerateOptions(users=400, items=100, versions=3, null_fraction=0.05, seed=3)
     counts = await gen.generate(gen_dsn, registry, options, now=now)
@@ -76,8 +65,10 @@ async def test_generated_tables_are_plausible_and_deterministic(
     assert prices[0]["low"] > 0
 
 
-async def test_embeddings_are_unit_length_and_clustered(gen_dsn: str, registry: Registry) -> None:
-    gen = _generator()
+async def test_embeddings_are_unit_length_and_clustered(
+    gen_dsn: str, registry: Registry, generator: ModuleType
+) -> None:
+    gen = generator
     options = gen.GenerateOptions(users=10, items=2000, versions=1, null_fraction=0.0)
     await gen.generate(gen_dsn, registry, options, views=["item_embedding"])
     rows = await _fetch(gen_dsn, "SELECT embedding FROM item_embedding")
@@ -91,9 +82,9 @@ async def test_embeddings_are_unit_length_and_clustered(gen_dsn: str, registry: 
 
 
 def test_command_line_reports_rows_per_view(
-    gen_dsn: str, feature_repo: Path, capsys: pytest.CaptureFixture[str]
+    gen_dsn: str, feature_repo: Path, capsys: pytest.CaptureFixture[str], generator: ModuleType
 ) -> None:
-    gen = _generator()
+    gen = generator
     argv = ["--dsn", gen_dsn, "--repo", str(feature_repo), "--views", "item_stats",
             "--items", "50", "--versions", "2"]  # fmt: skip
     assert gen.main(argv) == 0

@@ -9,9 +9,7 @@ null, absent or older than its view's TTL.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import shutil
-import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,15 +107,6 @@ def one_row_model(width: int) -> bytes:
     return model.SerializeToString()
 
 
-def _load_generator() -> Any:
-    spec = importlib.util.spec_from_file_location("generate", ROOT / "feature_repo/generate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["generate"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def repo(feature_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("inference") / "repo"
@@ -129,9 +118,11 @@ def repo(feature_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-async def data(repo: Path, pg_dsn: str, redis_url: str) -> dict[str, dict[int, dict[str, Any]]]:
+async def data(
+    repo: Path, pg_dsn: str, redis_url: str, generator: Any
+) -> dict[str, dict[int, dict[str, Any]]]:
     """Demo data in PostgreSQL, materialized into a flushed Redis; returns the SQL truth."""
-    gen = _load_generator()
+    gen = generator
     registry = load_registry(repo)
     await gen.generate(pg_dsn, registry, gen.GenerateOptions(users=USERS, items=ITEMS, seed=5))
     client = aioredis.Redis.from_url(redis_url)

@@ -8,7 +8,6 @@ Redis holds is compared with it after decoding with `store.layout.decode_rows`.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import signal
 import subprocess
@@ -49,24 +48,15 @@ CLI = str(Path(sys.executable).parent / "featurestore-materialize")
 USERS, ITEMS = 20_000, 1_000
 
 
-def _load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("generate", ROOT / "feature_repo/generate.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["generate"] = module  # dataclasses look their module up while building
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def registry(feature_repo: Path) -> Registry:
     return load_registry(feature_repo)
 
 
 @pytest.fixture(scope="module")
-async def generated(pg_dsn: str, registry: Registry) -> datetime:
+async def generated(pg_dsn: str, registry: Registry, generator: ModuleType) -> datetime:
     """Demo data in every view's table; returns the generator's `now`."""
-    gen = _load_generator()
+    gen = generator
     now = datetime.now(UTC)
     options = gen.GenerateOptions(users=USERS, items=ITEMS, versions=3, seed=7)
     await gen.generate(pg_dsn, registry, options, now=now)
