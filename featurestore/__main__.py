@@ -1,6 +1,7 @@
-"""`featurestore serve|demo`: parse arguments, build Settings, run.
+"""`featurestore serve|demo|cache-status`: parse arguments, build Settings, run.
 
     featurestore serve --repo feature_repo --redis redis://127.0.0.1:6379/0 --port 50051
+    featurestore cache-status --target 127.0.0.1:50051 --top 20
 
 With --workers N > 1, N processes each bind the port with SO_REUSEPORT and run their own
 event loop (Python's GIL: one loop per core); the kernel spreads connections over them.
@@ -60,8 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-bytes", type=int, default=0,
                        help="hot-key row cache budget in bytes (default 0: no cache)")  # fmt: skip
     serve.add_argument("--cache-max-staleness-s", type=float, default=5.0,
+                       help="bound on serving a rewritten row when its event is lost")  # fmt: skip
+    serve.add_argument("--cache-max-age-s", type=float, default=60.0,
                        help="serve a cached row at most this long after reading it")  # fmt: skip
-    serve.add_argument("--hot-publish-s", type=float, default=10.0,
+    serve.add_argument("--hot-publish-s", type=float, default=30.0,
                        help="publish this server's hot keys this often (0: never)")  # fmt: skip
     serve.add_argument("--warm-budget-s", type=float, default=10.0,
                        help="time allowed to warm the cache before SERVING")  # fmt: skip
@@ -73,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
 
     demo_command.add_arguments(demo)
     demo.set_defaults(func=demo_command.run)
+    status = commands.add_parser("cache-status", help="a replica's hot-key cache and hot keys")
+    from featurestore import admin
+
+    admin.add_arguments(status)
+    status.set_defaults(func=admin.run)
     return parser
 
 
@@ -84,7 +92,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         metrics_port=args.metrics_port, grace_s=args.grace_s,
         index_refresh_s=args.index_refresh_s, index_exact_max=args.index_exact_max,
         index_approximate=args.index_approximate, cache_bytes=args.cache_bytes,
-        cache_max_staleness_s=args.cache_max_staleness_s, hot_publish_s=args.hot_publish_s,
+        cache_max_staleness_s=args.cache_max_staleness_s,
+        cache_max_age_s=args.cache_max_age_s, hot_publish_s=args.hot_publish_s,
         warm_budget_s=args.warm_budget_s,
     )  # fmt: skip
 

@@ -55,8 +55,11 @@ class Settings:
         cache_bytes: the hot-key row cache's budget in bytes (0: no cache); see
             featurestore/hotcache.py. Off by default: against a Redis on the same host
             its bookkeeping costs more than the round trip it saves (bench_hotcache).
-        cache_max_staleness_s: the longest a cached row is served after it was read
-            from Redis, float seconds (bounds staleness when an event is lost).
+        cache_max_staleness_s: the longest a row rewritten by materialization is served
+            from the cache after the run announced it, should the announcement be lost
+            (the version poll's lease), float seconds.
+        cache_max_age_s: the longest any cached row is served after it was read from
+            Redis, float seconds (covers writes materialization does not announce).
         hot_publish_s: how often this server publishes its hot keys to the fleet's
             set, float seconds (0: never).
         warm_budget_s: how long start-up may spend warming the cache before SERVING.
@@ -77,7 +80,8 @@ class Settings:
     index_approximate: Literal["hnsw", "ivf"] = "hnsw"
     cache_bytes: int = 0
     cache_max_staleness_s: float = 5.0
-    hot_publish_s: float = 10.0
+    cache_max_age_s: float = 60.0
+    hot_publish_s: float = 30.0
     warm_budget_s: float = 10.0
 
     def __post_init__(self) -> None:
@@ -101,9 +105,12 @@ class Settings:
             )
         _check_range("cache_bytes", self.cache_bytes, 0, 2**62)
         for name in ("registry_refresh_s", "redis_timeout_s", "grace_s", "index_refresh_s",
-                     "cache_max_staleness_s", "hot_publish_s", "warm_budget_s"):  # fmt: skip
+                     "cache_max_staleness_s", "cache_max_age_s", "hot_publish_s",
+                     "warm_budget_s"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 seconds, not {getattr(self, name)}")
+        if self.cache_bytes and not (self.cache_max_staleness_s and self.cache_max_age_s):
+            raise ConfigError("with a cache, cache_max_staleness_s and cache_max_age_s must be > 0")
         if self.redis_timeout_s == 0:
             raise ConfigError("redis_timeout_s must be > 0 seconds")
 
@@ -118,6 +125,7 @@ class Settings:
             f" index_approximate={self.index_approximate!r},"
             f" cache_bytes={self.cache_bytes},"
             f" cache_max_staleness_s={self.cache_max_staleness_s},"
+            f" cache_max_age_s={self.cache_max_age_s},"
             f" hot_publish_s={self.hot_publish_s}, warm_budget_s={self.warm_budget_s})"
         )
 

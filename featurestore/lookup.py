@@ -9,7 +9,8 @@ Serving a request is
 
 where the plan and the decode live in featurestore/decode.py. With a hot cache
 (featurestore/hotcache.py) the cached rows of fresh hot keys are taken first and the MGET
-asks only for the misses (none: no round trip); the decode is the same.
+asks only for the misses (none: no round trip); the decode is the same. Predict and Rank
+read their rows through `read_rows` too, so they share the cache.
 """
 
 from __future__ import annotations
@@ -123,45 +124,35 @@ class Lookup:
         plan = self.plan(features, full_feature_names)
         row_keys, n = self.row_keys(plan, entities)
         t1 = time.perf_counter()
-        if self._cache is None:
-            rows = await self._read(row_keys, timeout_s)
-        else:
-            rows = await self._read_cached(self._cache, row_keys, timeout_s)
+        rows = await self.read_rows(row_keys, timeout_s)
         t2 = time.perf_counter()
         result = decode(plan, rows, n, time.time_ns() // 1000)
         result.timings_s = (t1 - t0, t2 - t1, time.perf_counter() - t2)
         return result
 
-    async def _read_cached(self, cache: HotCache, row_keys: list[bytes],
-                           timeout_s: float | None) -> list[bytes | None]:  # fmt: skip
-        """Cached rows where fresh, the misses from Redis in one MGET (cached if hot)."""
-        rows, misses = cache.get_many(row_keys)
-        if not misses:
-            return rows
-        epoch, started = cache.epoch, time.monotonic()
-        if len(misses) == len(row_keys):
-            rows = await self._read(row_keys, timeout_s)
-            cache.put_many(row_keys, rows, epoch, started)
-            return rows
-        wanted = [row_keys[i] for i in misses]
-        fetched = await self._read(wanted, timeout_s)
-        for i, row in zip(misses, fetched, strict=True):
-            rows[i] = row
-        cache.put_many(wanted, fetched, epoch, started)
-        return rows
+    async def read_rows(self, row_keys: list[bytes], timeout_s: float | None = None,
+                        pipe: RedisPipe | None = None) -> list[bytes | None]:  # fmt: skip
+        """The packed row of each key (None where absent): from the hot cache where it
+        holds them, the rest in one MGET on `pipe` (default: this lookup's)."""
+        redis = self._redis if pipe is None else pipe
+        if self._cache is None:
+            return await _read(redis, row_keys, timeout_s)
+        return await self._cache.read(row_keys, lambda wanted: _read(redis, wanted, timeout_s))
 
-    async def _read(self, row_keys: list[bytes], timeout_s: float | None) -> list[bytes | None]:
-        if timeout_s is None:
-            return await read_rows(self._redis, row_keys)
-        if timeout_s <= 0:
-            raise DeadlineExceeded("the caller's deadline passed before the Redis read")
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await read_rows(self._redis, row_keys)
-        except TimeoutError as exc:
-            raise DeadlineExceeded(
-                f"the caller's deadline passed during the Redis read ({timeout_s * 1e3:.1f} ms)"
-            ) from exc
+
+async def _read(pipe: RedisPipe, row_keys: list[bytes], timeout_s: float | None
+                ) -> list[bytes | None]:  # fmt: skip
+    if timeout_s is None:
+        return await read_rows(pipe, row_keys)
+    if timeout_s <= 0:
+        raise DeadlineExceeded("the caller's deadline passed before the Redis read")
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await read_rows(pipe, row_keys)
+    except TimeoutError as exc:
+        raise DeadlineExceeded(
+            f"the caller's deadline passed during the Redis read ({timeout_s * 1e3:.1f} ms)"
+        ) from exc
 
 
 def _check_entities(plan: RequestPlan, entities: Entities, max_rows: int

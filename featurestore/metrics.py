@@ -11,6 +11,10 @@
     featurestore_cache_hits_total               row keys served from the hot cache
     featurestore_cache_misses_total             row keys read from Redis (cache on)
     featurestore_cache_bytes                    the hot cache's accounted size
+    featurestore_cache_entries                  rows in the hot cache
+    featurestore_cache_serving                  1 while the cache's lease is valid
+    featurestore_cache_lost_events_total        writes found by the version poll, not by
+                                                their event (each dropped a view)
     featurestore_cache_evictions_total          entries evicted for the byte budget
     featurestore_cache_invalidations_total      invalidations (per view of an event)
     featurestore_cache_warm_seconds             how long the last warm-up took
@@ -25,10 +29,13 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 __all__ = [
     "CACHE_BYTES",
+    "CACHE_ENTRIES",
     "CACHE_EVICTIONS",
     "CACHE_HITS",
     "CACHE_INVALIDATIONS",
+    "CACHE_LOST_EVENTS",
     "CACHE_MISSES",
+    "CACHE_SERVING",
     "CACHE_WARM_SECONDS",
     "INFERENCE_BATCH_REQUESTS",
     "INFERENCE_BATCH_ROWS",
@@ -95,6 +102,11 @@ INFERENCE_TOTAL = INFERENCE_STAGE_SECONDS.labels("total")
 CACHE_HITS = Counter("featurestore_cache_hits", "Row keys served from the hot cache.")
 CACHE_MISSES = Counter("featurestore_cache_misses", "Row keys read from Redis, cache on.")
 CACHE_BYTES = Gauge("featurestore_cache_bytes", "Accounted size of the hot cache, bytes.")
+CACHE_ENTRIES = Gauge("featurestore_cache_entries", "Rows in the hot cache.")
+CACHE_SERVING = Gauge("featurestore_cache_serving", "1 while the hot cache's lease is valid.")
+CACHE_LOST_EVENTS = Counter(
+    "featurestore_cache_lost_events", "Unannounced writes found by the version poll."
+)
 CACHE_EVICTIONS = Counter("featurestore_cache_evictions", "Hot cache entries evicted.")
 CACHE_INVALIDATIONS = Counter(
     "featurestore_cache_invalidations", "Hot cache invalidations (per view of an event)."

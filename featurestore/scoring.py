@@ -42,7 +42,6 @@ from featurestore.inference import (
 from featurestore.lookup import Lookup
 from featurestore.matrix import InputPlan, fill_missing
 from featurestore.store.pipe import RedisPipe
-from featurestore.store.redis import read_rows
 
 __all__ = ["MAX_CANDIDATES", "MAX_ROWS", "Ranked", "Scored", "Scorer", "Timings"]
 
@@ -362,7 +361,7 @@ class Scorer:
                     keys, n = call.keys[g]
                     all_keys += keys[v * n : (v + 1) * n]
         t0 = time.perf_counter()
-        rows = await read_rows(self._pipe, all_keys)
+        rows = await self._lookup.read_rows(all_keys, pipe=self._pipe)
         t1 = time.perf_counter()
         now_us = time.time_ns() // 1000
         decoded, at = [], 0

@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from featurestore import metrics, wire
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
 from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
+from featurestore.admin import AdminServicer
 from featurestore.config import Settings
 from featurestore.errors import ConfigError, Unavailable
 from featurestore.hotcache import HotCache
@@ -48,6 +49,7 @@ __all__ = ["SERVICE_NAME", "FeatureServer", "FeatureStoreServicer", "run"]
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureStore"].full_name
+ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureStoreAdmin"].full_name
 # Large batches (10,000 rows x many features) exceed gRPC's 4 MB default.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -164,7 +166,7 @@ class FeatureServer:
             self.cache = HotCache(
                 registry.project, settings.redis_url, cache_bytes=settings.cache_bytes,
                 max_staleness_s=settings.cache_max_staleness_s,
-                publish_s=settings.hot_publish_s,
+                max_age_s=settings.cache_max_age_s, publish_s=settings.hot_publish_s,
             )  # fmt: skip
             self.cache.start()
         self.lookup = Lookup(pipe, registry, max_rows=settings.max_rows, cache=self.cache)
@@ -196,9 +198,11 @@ class FeatureServer:
         servicer = FeatureStoreServicer(lookup, self.settings.redis_timeout_s, self.indexes,
                                         self.inference)  # fmt: skip
         pb_grpc.add_FeatureStoreServicer_to_server(servicer, server)
+        pb_grpc.add_FeatureStoreAdminServicer_to_server(AdminServicer(self.cache), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            server,
         )
         return server
 
@@ -219,7 +223,7 @@ class FeatureServer:
         if self.cache is not None:  # listening first: an event during warm-up counts
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.warm_budget_s):
-                    await self.cache.wait_subscribed()
+                    await self.cache.wait_ready()
             await self.cache.warm(budget_s=self.settings.warm_budget_s)
         if self.indexes is not None:  # readiness includes every embedding view's index
             await self.indexes.wait_ready()

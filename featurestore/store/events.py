@@ -9,7 +9,8 @@ A message on `keys.events_channel(project)` is JSON:
 
     {"event": "written", "views": ["item_embedding", ...],
      "epoch_us": 1732370000000000,
-     "ids": {"item_embedding": [17, 42, ...]}}
+     "ids": {"item_embedding": [17, 42, ...]},
+     "versions": {"item_embedding": 7}}
 
     views     the views whose rows were written
     epoch_us  optional: the run's window end, microseconds since the Unix epoch; one
@@ -18,6 +19,11 @@ A message on `keys.events_channel(project)` is JSON:
               the run wrote, when there were at most MAX_EVENT_IDS of them; a view
               without an entry (too many rows, another kind of key, an older
               materializer) means "anything may have changed: re-read the whole view"
+    versions  per view, its write version after this write: the hash
+              `keys.versions_key(project)` counts the announced writes of each view, and
+              the count is incremented and the message published by one script, so the
+              n-th event of a view carries n; a subscriber that sees a number skipped, or
+              reads a higher count in the hash than the events it got, knows it lost one
 
 Size: up to ~20 bytes per id (an int64 in decimal and a comma), so at most ~2 MB for
 MAX_EVENT_IDS ids, under Redis's default pub/sub output-buffer limits (8 MB soft, 32 MB
@@ -29,7 +35,8 @@ Other kinds of event share the channel; a subscriber ignores kinds it does not k
                                         (featurestore/hotcache.py; `publish_warm`)
 
 Pub/sub delivers at most once and only to connected subscribers, so an event is a hint:
-a server that misses one catches up on its periodic refresh. Publishing never fails a
+a server that misses one catches up on its periodic refresh (indexes) or version poll
+(the hot cache). Publishing never fails a
 materialization (the rows are already written and acknowledged). Parsing never raises:
 a malformed message names no view, and a malformed `ids` entry means a full re-read.
 """
@@ -46,7 +53,7 @@ import numpy.typing as npt
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from featurestore.store.keys import events_channel
+from featurestore.store.keys import events_channel, versions_key
 
 __all__ = ["MAX_EVENT_IDS", "WrittenEvent", "parse_event", "publish_warm", "publish_written"]
 
@@ -56,6 +63,20 @@ MAX_EVENT_IDS = 100_000
 _INT64 = (-(2**63), 2**63 - 1)
 
 Ids = npt.NDArray[np.int64]
+
+# Increment each view's write version and publish the message with the new versions, in
+# one step: no subscriber can see a version before its event was sent.
+# KEYS[1] the versions hash; ARGV[1] the channel, ARGV[2] the message's JSON without its
+# closing brace, ARGV[3..] the views.
+_ANNOUNCE = """
+local parts = {}
+for i = 3, #ARGV do
+  local version = redis.call('HINCRBY', KEYS[1], ARGV[i], 1)
+  parts[#parts + 1] = cjson.encode(ARGV[i]) .. ': ' .. version
+end
+local versions = '{' .. table.concat(parts, ', ') .. '}'
+return redis.call('PUBLISH', ARGV[1], ARGV[2] .. ', "versions": ' .. versions .. '}')
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +90,7 @@ class WrittenEvent:
     views: tuple[str, ...] = ()
     ids: Mapping[str, Ids] = field(default_factory=dict)
     epoch_us: int | None = None
+    versions: Mapping[str, int] = field(default_factory=dict)
 
     def ids_of(self, view: str) -> Ids | None:
         """The written entity ids of `view`, or None when they are unknown."""
@@ -100,8 +122,12 @@ async def publish_written(
     }
     if written:
         message["ids"] = written
+    head = json.dumps(message)[:-1]  # the script appends the versions and the brace
     try:
-        return int(await client.publish(events_channel(project), json.dumps(message)))
+        reached = await client.eval(  # type: ignore[misc]
+            _ANNOUNCE, 1, versions_key(project), events_channel(project), head, *views
+        )
+        return int(reached)
     except (RedisError, OSError) as exc:
         log.warning("could not announce the write of %s: %s", ", ".join(views), exc)
         return 0
@@ -145,7 +171,13 @@ def parse_event(data: bytes | str) -> WrittenEvent:
             log.warning("event for %s: malformed ids, re-reading the whole view", view)
         else:
             ids[view] = parsed
-    return WrittenEvent(tuple(views), ids, epoch_us)
+    versions = event.get("versions")
+    known = {
+        view: n
+        for view, n in (versions.items() if isinstance(versions, dict) else ())
+        if view in views and type(n) is int and n > 0
+    }
+    return WrittenEvent(tuple(views), ids, epoch_us, known)
 
 
 def _ids(value: object) -> Ids | None:

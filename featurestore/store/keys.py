@@ -12,7 +12,8 @@ are read from one node.
 
 Bookkeeping lives under `<project>:__meta__:...` (watermarks, the run lock, layouts);
 `<project>:__meta__:events` is the pub/sub channel of materialization events;
-`<project>:__meta__:hot` is the fleet's hot row keys (a sorted set, see hotcache.py).
+`<project>:__meta__:hot` is the fleet's hot row keys (a sorted set, see hotcache.py);
+`<project>:__meta__:versions` is each view's write version (a hash, see store/events.py).
 
     >>> row_key("recsys", "user_profile", entity_token([42]))
     b'recsys:user_profile:{42}'
@@ -85,6 +86,11 @@ def lock_key(project: str, name: str = "materialize") -> bytes:
 def events_channel(project: str) -> bytes:
     """The pub/sub channel on which materialization announces the views it wrote."""
     return meta_key(project, "events")
+
+
+def versions_key(project: str) -> bytes:
+    """The hash of each view's write version, incremented with every announced write."""
+    return meta_key(project, "versions")
 
 
 def hot_key(project: str) -> bytes:

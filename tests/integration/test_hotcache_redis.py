@@ -1,6 +1,7 @@
 """The hot-key cache against real Redis: same answers as without it, never a value older
-than its invalidation, bounded staleness when the event is lost, warm start-up, and the
-MGET count (one per request, none when every row is cached)."""
+than its invalidation, bounded staleness when the event is lost, the lease, warm start-up,
+Predict through the cache, the admin RPC, and the MGET count (one per request, none when
+every row is cached)."""
 
 from __future__ import annotations
 
@@ -92,9 +93,10 @@ def registry(feature_repo: Path) -> Registry:
 async def cached(
     redis_url: str, registry: Registry, redis_client: aioredis.Redis
 ) -> AsyncIterator[tuple[Lookup, HotCache]]:
-    cache = HotCache(registry.project, redis_url, max_staleness_s=60, publish_s=0)
+    cache = HotCache(registry.project, redis_url, max_staleness_s=60, publish_s=0,
+                     sample_every=1)  # fmt: skip
     cache.start()
-    await asyncio.wait_for(cache.wait_subscribed(), 5)
+    await asyncio.wait_for(cache.wait_ready(), 5)
     lookup = Lookup(CountingPipe.from_url(redis_url), registry, cache=cache)
     yield lookup, cache
     await lookup.close()
@@ -158,8 +160,9 @@ async def test_ttl_statuses_are_the_same_for_cached_rows(
     ents = {"user_id": [5, 6, 7]}
     for _ in range(5):
         result = await lookup.get_online_features(ents, ["user_activity"])
+        cache.hot.drain()
     assert set(keys.row_keys(registry.project, "user_activity", [b"5", b"6", b"7"])) <= set(
-        k for k in cache.rows._entries
+        cache.rows.keys()
     )
     statuses = np.frombuffer(result.statuses[0], dtype=np.uint8).tolist()
     assert statuses == [OUTSIDE_MAX_AGE, OUTSIDE_MAX_AGE, PRESENT]
@@ -170,13 +173,14 @@ async def test_ttl_statuses_are_the_same_for_cached_rows(
 async def test_one_mget_per_request_and_none_when_all_cached(
     cached: tuple[Lookup, HotCache], registry: Registry, redis_client: aioredis.Redis
 ) -> None:
-    lookup, _ = cached
+    lookup, cache = cached
     pipe = mget_pipe(lookup)
     await write_all(redis_client, registry, 50, now_us())
     ids = list(range(50))
-    for expected in (1, 2, 2, 2):  # counted hot after 2 reads, cached, then served
+    for expected in (1, 2, 2, 2):  # admitted on the second read, then served
         await lookup.get_online_features(entities(ids), FEATURES)
         assert pipe.calls == expected
+        cache.hot.drain()  # what the background drain does every few milliseconds
     await lookup.get_online_features(entities([*ids, 60]), FEATURES)  # one miss: one MGET
     assert pipe.calls == 3
 
@@ -188,6 +192,7 @@ async def test_invalidated_value_is_never_served_after_the_event(
     await write_all(redis_client, registry, 10, now_us())
     for _ in range(3):
         assert await value_of(lookup, 4) == 4.0
+        cache.hot.drain()
     for version in range(1, 6):
         await write(redis_client, registry, "item_stats", [4], [100.0 + version], now_us())
         events = cache.events
@@ -209,30 +214,100 @@ async def test_a_read_that_raced_an_invalidation_is_not_cached(
 ) -> None:
     _, cache = cached
     key = b"x:item_stats:{1}"
-    cache.hot.seed([key])
     epoch = cache.epoch
     cache.rows.invalidate([key])  # the event arrived while the read was in flight
-    assert cache.put_many([key], [b"old row"], epoch, time.monotonic()) == 0
+    assert cache.admit([key], [b"old row"], epoch, time.monotonic(), admit_all=True) == 0
     assert key not in cache.rows
 
 
 async def test_a_lost_event_is_bounded_by_max_staleness(
-    redis_url: str, registry: Registry, redis_client: aioredis.Redis
-) -> None:
-    cache = HotCache(registry.project, redis_url, max_staleness_s=0.5, publish_s=0)
-    lookup = Lookup(RedisPipe.from_url(redis_url), registry, cache=cache)  # no listener
+    cached: tuple[Lookup, HotCache], redis_url: str, registry: Registry,
+    redis_client: aioredis.Redis,
+) -> None:  # fmt: skip
+    _, listening = cached  # only so that the published event is received by someone
+    cache = HotCache(registry.project, redis_url, max_staleness_s=0.5, publish_s=0,
+                     sample_every=1)  # fmt: skip
+    cache._tasks.append(asyncio.create_task(cache._poll_forever()))  # no listener: lost
+    await asyncio.wait_for(cache._polled.wait(), 5)
+    lookup = Lookup(RedisPipe.from_url(redis_url), registry, cache=cache)
     try:
         await write_all(redis_client, registry, 10, now_us())
         for _ in range(3):
             assert await value_of(lookup, 2) == 2.0
+            cache.hot.drain()
+        assert keys.row_key(registry.project, "item_stats", b"2") in cache.rows
         await write(redis_client, registry, "item_stats", [2], [222.0], now_us())
-        written = time.monotonic()
+        events = listening.events
+        await publish_written(redis_client, registry.project, ["item_stats"],
+                              ids={"item_stats": [2]})  # fmt: skip
+        announced = time.monotonic()
+        await until(lambda: listening.events > events)  # published, and we were deaf
         seen = await value_of(lookup, 2)
-        assert seen == 2.0  # the cached, now stale, row: the event was "lost"
         while seen != 222.0:
             await asyncio.sleep(0.01)
             seen = await value_of(lookup, 2)
-        assert time.monotonic() - written <= 0.5 + 0.05
+        assert time.monotonic() - announced <= 0.5 + 0.05
+        assert cache.lost_events == 1
+    finally:
+        await lookup.close()
+        await cache.close()
+
+
+async def test_a_skipped_version_drops_the_view(
+    cached: tuple[Lookup, HotCache], registry: Registry, redis_client: aioredis.Redis
+) -> None:
+    lookup, cache = cached
+    await write_all(redis_client, registry, 10, now_us())
+    for _ in range(3):
+        await lookup.get_online_features(entities(range(10)), FEATURES)
+        cache.hot.drain()
+    assert len(cache.rows) == 30
+    version = int(await redis_client.hget(keys.versions_key(registry.project), "item_stats")
+                  or 0)  # fmt: skip
+    # The event of version + 1 was lost; that of version + 2 names only item 3.
+    cache.follow(b'{"event": "written", "views": ["item_stats"], "ids": {"item_stats": [3]},'
+                 b' "versions": {"item_stats": %d}}' % (version + 2))  # fmt: skip
+    assert len(cache.rows) == 20 and cache.lost_events == 1  # all 10 item rows went
+
+
+async def test_rewritten_versions_going_back_drop_everything(
+    cached: tuple[Lookup, HotCache], registry: Registry, redis_client: aioredis.Redis
+) -> None:
+    lookup, cache = cached
+    await publish_written(redis_client, registry.project, ["user_profile"])
+    await until(lambda: cache.events > 0)
+    await write_all(redis_client, registry, 10, now_us())
+    for _ in range(3):
+        await lookup.get_online_features(entities(range(10)), FEATURES)
+        cache.hot.drain()
+    await cache.poll()
+    assert len(cache.rows) == 30
+    await redis_client.delete(keys.versions_key(registry.project))  # as after a FLUSHALL
+    await cache.poll()
+    assert len(cache.rows) == 0
+
+
+async def test_the_cache_serves_nothing_once_its_lease_ran_out(
+    redis_url: str, registry: Registry, redis_client: aioredis.Redis
+) -> None:
+    """The version poll renews the lease; without it (Redis unreachable from the poll),
+    rows the cache cannot vouch for are not served."""
+    cache = HotCache(registry.project, redis_url, max_staleness_s=0.3, publish_s=0,
+                     sample_every=1)  # fmt: skip
+    lookup = Lookup(CountingPipe.from_url(redis_url), registry, cache=cache)
+    try:
+        await write_all(redis_client, registry, 10, now_us())
+        assert await value_of(lookup, 1) == 1.0  # no poll yet: nothing served, nothing kept
+        cache.hot.drain()
+        await cache.poll()  # the lease: 0.3 s
+        for _ in range(2):
+            assert await value_of(lookup, 1) == 1.0
+            cache.hot.drain()
+        calls = mget_pipe(lookup).calls
+        assert await value_of(lookup, 1) == 1.0 and mget_pipe(lookup).calls == calls  # a hit
+        await asyncio.sleep(0.35)
+        assert await value_of(lookup, 1) == 1.0 and mget_pipe(lookup).calls == calls + 1
+        assert (await cache.status()).serving is False
     finally:
         await lookup.close()
         await cache.close()
@@ -251,6 +326,7 @@ async def test_a_fresh_server_starts_with_the_hot_set_loaded(
         assert first.lookup is not None and first.cache is not None
         for _ in range(3):
             await first.lookup.get_online_features(entities(range(20)), FEATURES)
+            first.cache.hot.drain()
         assert await first.cache.publish() == 60
     finally:
         await first.stop(0)

@@ -475,3 +475,37 @@ async def test_the_clients_predict_and_rank_match_the_direct_model(
 
     again = await asyncio.to_thread(blocking_predict)
     np.testing.assert_array_equal(again.scores, got.scores)
+
+
+async def test_predict_and_rank_read_through_the_hot_cache(
+    repo: Path, redis_url: str, spec: ModelSpec, data: Any
+) -> None:
+    from featurestore import AsyncClient
+
+    settings = Settings(repo=repo, redis_url=redis_url, host="127.0.0.1", port=0,
+                        registry_refresh_s=0, index_refresh_s=0, cache_bytes=16 << 20,
+                        hot_publish_s=0)  # fmt: skip
+    server = FeatureServer(settings)
+    await server.start()
+    try:
+        assert server.cache is not None
+        items = list(range(1, 51))
+        want = direct_scores(expected_matrix(spec, data, 3, items, 9))
+        async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+            await client.wait_until_serving(60)
+            for _ in range(4):
+                got = await client.predict("ranker", {"user_id": [3], "item_id": items},
+                                           request_values={"hour_of_day": [9]})  # fmt: skip
+                np.testing.assert_allclose(got.scores, want, rtol=1e-6, atol=1e-7)
+                server.cache.hot.drain()
+            for _ in range(3):
+                hits, misses = server.cache.hits, server.cache.misses
+                ranked = await client.rank("ranker", {"user_id": [3]}, candidate_ids=items, top_n=5,
+                                           request_values={"hour_of_day": [9]})  # fmt: skip
+                server.cache.hot.drain()
+        assert server.cache.hits > hits
+        assert server.cache.misses == misses  # every row Rank needed came from memory
+        best = np.argsort(-want, kind="stable")[:5]
+        assert ranked.ids.tolist() == [items[i] for i in best]
+    finally:
+        await server.stop(0)

@@ -696,3 +696,117 @@ class RankResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RankResponse: _TypeAlias = RankResponse  # noqa: Y015
+
+@_typing.final
+class CacheStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOP_FIELD_NUMBER: _builtins.int
+    top: _builtins.int
+    """how many of the hottest keys to list (0: 20; at most 10,000)"""
+    def __init__(
+        self,
+        *,
+        top: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["top", b"top"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CacheStatusRequest: _TypeAlias = CacheStatusRequest  # noqa: Y015
+
+@_typing.final
+class HotKey(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    key: _builtins.bytes
+    """the Redis row key, e.g. "recsys:user_profile:{42}" """
+    count: _builtins.float
+    """its decayed request count (count-min estimate)"""
+    def __init__(
+        self,
+        *,
+        key: _builtins.bytes = ...,
+        count: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HotKey: _TypeAlias = HotKey  # noqa: Y015
+
+@_typing.final
+class CacheStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    SERVING_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    HITS_FIELD_NUMBER: _builtins.int
+    MISSES_FIELD_NUMBER: _builtins.int
+    HIT_RATIO_FIELD_NUMBER: _builtins.int
+    EVICTIONS_FIELD_NUMBER: _builtins.int
+    INVALIDATIONS_FIELD_NUMBER: _builtins.int
+    LOST_EVENTS_FIELD_NUMBER: _builtins.int
+    WARM_SECONDS_FIELD_NUMBER: _builtins.int
+    WARMED_ROWS_FIELD_NUMBER: _builtins.int
+    TOP_KEYS_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    """false: the replica runs without a cache (--cache-bytes 0)"""
+    serving: _builtins.bool
+    """the lease is valid: cached rows are being served"""
+    entries: _builtins.int
+    """rows held"""
+    bytes: _builtins.int
+    """accounted memory of keys, rows and bookkeeping"""
+    budget_bytes: _builtins.int
+    hits: _builtins.int
+    """row keys served from memory since start"""
+    misses: _builtins.int
+    """row keys read from Redis since start"""
+    hit_ratio: _builtins.float
+    evictions: _builtins.int
+    """rows dropped for the budget or for their age"""
+    invalidations: _builtins.int
+    """views invalidated by events, polls and reconnections"""
+    lost_events: _builtins.int
+    """writes found by the version poll instead of their event"""
+    warm_seconds: _builtins.float
+    """the last warm-up's duration"""
+    warmed_rows: _builtins.int
+    """rows it loaded"""
+    @_builtins.property
+    def top_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___HotKey]: ...
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        serving: _builtins.bool = ...,
+        entries: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        budget_bytes: _builtins.int = ...,
+        hits: _builtins.int = ...,
+        misses: _builtins.int = ...,
+        hit_ratio: _builtins.float = ...,
+        evictions: _builtins.int = ...,
+        invalidations: _builtins.int = ...,
+        lost_events: _builtins.int = ...,
+        warm_seconds: _builtins.float = ...,
+        warmed_rows: _builtins.int = ...,
+        top_keys: _abc.Iterable[Global___HotKey] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_bytes", b"budget_bytes", "bytes", b"bytes", "enabled", b"enabled", "entries", b"entries", "evictions", b"evictions", "hit_ratio", b"hit_ratio", "hits", b"hits", "invalidations", b"invalidations", "lost_events", b"lost_events", "misses", b"misses", "serving", b"serving", "top_keys", b"top_keys", "warm_seconds", b"warm_seconds", "warmed_rows", b"warmed_rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CacheStatusResponse: _TypeAlias = CacheStatusResponse  # noqa: Y015

@@ -231,3 +231,79 @@ class FeatureStore:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class FeatureStoreAdminStub:
+    """Operations: what a replica holds. Served on the same port as FeatureStore.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CacheStatus = channel.unary_unary(
+                '/featurestore.v1.FeatureStoreAdmin/CacheStatus',
+                request_serializer=featurestore_dot_v1_dot_featurestore__pb2.CacheStatusRequest.SerializeToString,
+                response_deserializer=featurestore_dot_v1_dot_featurestore__pb2.CacheStatusResponse.FromString,
+                _registered_method=True)
+
+
+class FeatureStoreAdminServicer:
+    """Operations: what a replica holds. Served on the same port as FeatureStore.
+    """
+
+    def CacheStatus(self, request, context):
+        """The hot-key cache of the replica that answers: its figures and its hottest keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_FeatureStoreAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CacheStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.CacheStatus,
+                    request_deserializer=featurestore_dot_v1_dot_featurestore__pb2.CacheStatusRequest.FromString,
+                    response_serializer=featurestore_dot_v1_dot_featurestore__pb2.CacheStatusResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'featurestore.v1.FeatureStoreAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('featurestore.v1.FeatureStoreAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class FeatureStoreAdmin:
+    """Operations: what a replica holds. Served on the same port as FeatureStore.
+    """
+
+    @staticmethod
+    def CacheStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/featurestore.v1.FeatureStoreAdmin/CacheStatus',
+            featurestore_dot_v1_dot_featurestore__pb2.CacheStatusRequest.SerializeToString,
+            featurestore_dot_v1_dot_featurestore__pb2.CacheStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -105,3 +105,34 @@ class FeatureStoreServicer(metaclass=_abc_1.ABCMeta):
         """The top-n of a candidate list (given, or retrieved from an embedding view) by a model."""
 
 def add_FeatureStoreServicer_to_server(servicer: FeatureStoreServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class FeatureStoreAdminStub:
+    """Operations: what a replica holds. Served on the same port as FeatureStore."""
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> FeatureStoreAdminAsyncStub: ...
+    CacheStatus: _grpc.UnaryUnaryMultiCallable[_featurestore_pb2.CacheStatusRequest, _featurestore_pb2.CacheStatusResponse]
+    """The hot-key cache of the replica that answers: its figures and its hottest keys."""
+
+@_typing.type_check_only
+class FeatureStoreAdminAsyncStub(FeatureStoreAdminStub):
+    """Operations: what a replica holds. Served on the same port as FeatureStore."""
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    CacheStatus: _aio.UnaryUnaryMultiCallable[_featurestore_pb2.CacheStatusRequest, _featurestore_pb2.CacheStatusResponse]  # type: ignore[assignment]
+    """The hot-key cache of the replica that answers: its figures and its hottest keys."""
+
+class FeatureStoreAdminServicer(metaclass=_abc_1.ABCMeta):
+    """Operations: what a replica holds. Served on the same port as FeatureStore."""
+
+    @_abc_1.abstractmethod
+    def CacheStatus(
+        self,
+        request: _featurestore_pb2.CacheStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_featurestore_pb2.CacheStatusResponse, _abc.Awaitable[_featurestore_pb2.CacheStatusResponse]]:
+        """The hot-key cache of the replica that answers: its figures and its hottest keys."""
+
+def add_FeatureStoreAdminServicer_to_server(servicer: FeatureStoreAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
