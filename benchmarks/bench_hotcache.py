@@ -1,53 +1,88 @@
-"""The hot-key cache: Zipf traffic with the cache on and off, and restarts with and without
-pre-warm, in the same run.
+"""The hot-key cache: Zipf traffic with the cache on and off side by side, and restarts
+with and without pre-warm, in the same run.
 
     .venv/bin/python benchmarks/bench_hotcache.py [--users 1000000] [--iterations 2000]
+                                                  [--warm-s 180] [--cache-mib 256]
 
 Starts an embedded Redis, writes `--users` rows of user_profile, user_activity and
-item_stats (as bench_lookup.py does), then two feature servers on the same Redis: one with
-the cache (64 MiB, 5 s staleness) and one with --cache-bytes 0. Requests draw
-user and item ids from a Zipf law (s = 1.1) over the `--users` written ids, 1 and 100
-entities x 50 features (3 views: 3 keys per entity). Reported per server and size: hit
-ratio (the server's own counters, from /metrics), p50/p99 sequential, throughput with 32
-calls in flight. Then the cached server is restarted twice, with pre-warm (it reads the
-hot set the first one published) and with --warm-budget-s 0, and the first 1,000 100x50
-requests after SERVING are timed.
+item_stats (as bench_lookup.py does), then two feature servers on the same Redis at the
+same time: one with the cache (`--cache-mib`), one with --cache-bytes 0. Every request is
+drawn afresh (nothing is replayed): user and item ids from Zipf laws (s = 1.1) over the
+`--users` written ids, the hottest spread over the id space. The cached server first
+takes `--warm-s` seconds of mixed traffic at 32 calls in flight (a replica that has been
+serving for a while: about 5M user and 5M item draws by default, the point from which a
+simulation of the cache's policy shows a flat hit ratio); then, per request shape,
+
+    lookup 1x50     GetOnlineFeatures, one user and one item, 50 features (3 views)
+    lookup 100x50   100 users and 100 items
+    predict 1x100   Predict with the ranker model: one user, 100 items
+
+the same requests go to both servers in alternating blocks of 100 (sequential p50/p99 and
+the cached server's hit ratio, from its /metrics), then calls/s with 32 in flight
+(alternating 2-second windows). Then the cached server
+is restarted twice, with pre-warm (it reads the hot set the first one published) and with
+--warm-budget-s 0, and the first 1,000 lookup 100x50 calls after SERVING are timed
+against the steady p99 of the same shape.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_inference import write_models
 from bench_lookup import FEATURES, applied_repo, process, write_rows
-from harness import Stats, latency, print_table, run_on_uvloop, throughput, write_results
+from harness import Stats, print_table, run_on_uvloop, write_results
 
 from featurestore import AsyncClient
 from featurestore.embedded import EmbeddedRedis, free_port
 from featurestore.registry import load_registry
 
 ZIPF_S = 1.1
+SHAPES = ("lookup 1x50", "lookup 100x50", "predict 1x100")
 
 
-def zipf_batches(count: int, n: int, users: int, rng: np.random.Generator) -> list[Any]:
-    """`count` entity batches of `n` rows, user and item ids Zipf(s) over [0, users)."""
-    weights = np.arange(1, users + 1, dtype=np.float64) ** -ZIPF_S
-    cdf = np.cumsum(weights / weights.sum())
-    perm = rng.permutation(users)  # the hottest ids are spread over the id space
+class Zipf:
+    """Ids in [0, n) drawn from a Zipf law (s = ZIPF_S), the hottest spread by a permutation."""
 
-    def draw() -> list[int]:
-        return perm[np.minimum(np.searchsorted(cdf, rng.random(n)), users - 1)].tolist()  # type: ignore[no-any-return]
+    def __init__(self, n: int, rng: np.random.Generator) -> None:
+        weights = np.arange(1, n + 1, dtype=np.float64) ** -ZIPF_S
+        self.cdf = np.cumsum(weights / weights.sum())
+        self.perm = rng.permutation(n)
+        self.rng = rng
 
-    return [{"user_id": draw(), "item_id": draw()} for _ in range(count)]
+    def draw(self, count: int) -> list[int]:
+        ranks = np.minimum(np.searchsorted(self.cdf, self.rng.random(count)), len(self.cdf) - 1)
+        return self.perm[ranks].tolist()  # type: ignore[no-any-return]
+
+
+class Traffic:
+    """Fresh requests of every shape: one user law, one item law (fixed by `seed`)."""
+
+    def __init__(self, users: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        self.users, self.items = Zipf(users, rng), Zipf(users, rng)
+
+    def request(self, shape: str) -> dict[str, list[int]]:
+        users = 100 if shape == "lookup 100x50" else 1
+        items = 1 if shape == "lookup 1x50" else 100
+        return {"user_id": self.users.draw(users), "item_id": self.items.draw(items)}
+
+
+def send(client: AsyncClient, shape: str, entities: dict[str, list[int]]) -> Awaitable[Any]:
+    if shape.startswith("predict"):
+        return client.predict("ranker", entities, request_values={"hour_of_day": [20]})
+    return client.get_online_features(entities, FEATURES)
 
 
 def scrape(metrics_port: int) -> dict[str, float]:
@@ -61,41 +96,91 @@ def scrape(metrics_port: int) -> dict[str, float]:
     return out
 
 
-ON = str(64 << 20)  # the cache's budget when on: 64 MiB (it is off by default)
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 @contextmanager
-def server(repo: Path, url: str, *extra: str) -> Iterator[tuple[int, int]]:
+def server(repo: Path, url: str, *extra: str) -> Iterator[tuple[int, int, int]]:
     port, metrics_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "featurestore", "serve", "--repo", str(repo), "--redis", url,
            "--host", "127.0.0.1", "--port", str(port), "--registry-refresh-s", "0",
-           "--metrics-port", str(metrics_port), *extra]  # fmt: skip
-    with process(cmd, port):
-        yield port, metrics_port
+           "--index-refresh-s", "0", "--metrics-port", str(metrics_port), *extra]  # fmt: skip
+    with process(cmd, port) as proc:
+        yield port, metrics_port, proc.pid
 
 
-async def measure(port: int, metrics_port: int, batches: dict[int, list[Any]],
-                  iterations: int) -> dict[str, Any]:  # fmt: skip
-    out: dict[str, Any] = {}
-    async with AsyncClient(f"127.0.0.1:{port}") as client:
-        await client.wait_until_serving(60)
-        for n, pool in batches.items():
-            it = iter(range(10**9))
+def counter(metrics: dict[str, float], name: str) -> float:
+    return metrics.get(f"featurestore_cache_{name}_total", 0.0)
 
-            async def call(pool: list[Any] = pool, it: Iterator[int] = it) -> Any:
-                return await client.get_online_features(pool[next(it) % len(pool)], FEATURES)
 
-            before = scrape(metrics_port)
-            stats = await latency(f"{n}x50", call, iterations=iterations, warmup=500)
-            after = scrape(metrics_port)
-            hits = after.get("featurestore_cache_hits_total", 0) - before.get(
-                "featurestore_cache_hits_total", 0)  # fmt: skip
-            misses = after.get("featurestore_cache_misses_total", 0) - before.get(
-                "featurestore_cache_misses_total", 0)  # fmt: skip
-            rate = await throughput(call, in_flight=32, duration_s=3.0)
-            out[f"{n}x50"] = {"stats": stats, "hit_ratio": hits / max(hits + misses, 1),
-                              "throughput_at_32": rate}  # fmt: skip
-        out["cache_bytes"] = scrape(metrics_port).get("featurestore_cache_bytes", 0)
+async def sequential(clients: dict[str, AsyncClient], shape: str, traffic: Traffic,
+                     iterations: int, block: int = 100) -> dict[str, Stats]:  # fmt: skip
+    """The same requests to every server, in alternating blocks; sequential latencies."""
+    samples: dict[str, list[int]] = {mode: [] for mode in clients}
+    order = list(clients)
+    for b in range(iterations // block):
+        requests = [traffic.request(shape) for _ in range(block)]
+        for mode in order if b % 2 else order[::-1]:
+            client = clients[mode]
+            for entities in requests:
+                start = time.perf_counter_ns()
+                await send(client, shape, entities)
+                samples[mode].append(time.perf_counter_ns() - start)
+    return {mode: Stats.of(f"{shape} {mode}", np.array(s)) for mode, s in samples.items()}
+
+
+async def loaded(client: AsyncClient, shape: str, traffic: Traffic, seconds: float) -> int:
+    """Calls completed in `seconds` with 32 in flight."""
+    done = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < stop_at:
+            await send(client, shape, traffic.request(shape))
+            done += 1
+
+    await asyncio.gather(*(worker() for _ in range(32)))
+    return done
+
+
+async def measure(servers: dict[str, tuple[int, int, int]], traffic: Traffic,
+                  args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    """Both servers side by side: warm-up, then per shape latency, hit ratio, calls/s."""
+    out: dict[str, Any] = {mode: {} for mode in servers}
+    mport = servers["cache_on"][1]
+    async with AsyncClient(f"127.0.0.1:{servers['cache_off'][0]}") as off, \
+            AsyncClient(f"127.0.0.1:{servers['cache_on'][0]}") as on:  # fmt: skip
+        clients = {"cache_off": off, "cache_on": on}
+        for client in clients.values():
+            await client.wait_until_serving(120)
+        for _ in range(max(int(args.warm_s / 15), 1)):  # the cached server: it has a state
+            for shape in SHAPES:
+                await loaded(on, shape, traffic, 5.0)
+        for shape in SHAPES:  # sequential first: no load has run since the warm-up
+            gc.collect()
+            before = scrape(mport)
+            stats = await sequential(clients, shape, traffic, args.iterations)
+            after = scrape(mport)
+            hits = counter(after, "hits") - counter(before, "hits")
+            misses = counter(after, "misses") - counter(before, "misses")
+            for mode in clients:
+                out[mode][shape] = {"stats": stats[mode]}
+            out["cache_on"][shape]["hit_ratio"] = hits / max(hits + misses, 1)
+        for shape in SHAPES:
+            done = dict.fromkeys(clients, 0)
+            for _ in range(3):
+                for mode, client in clients.items():
+                    done[mode] += await loaded(client, shape, traffic, 2.0)
+            for mode in clients:
+                out[mode][shape]["throughput_at_32"] = done[mode] / 6.0
+    for mode, (_, metrics_port, pid) in servers.items():
+        out[mode]["metrics"] = scrape(metrics_port)
+        out[mode]["rss_mib"] = rss_mib(pid)
     return out
 
 
@@ -103,22 +188,23 @@ async def first_requests(port: int, pool: list[Any], count: int = 1000) -> dict[
     """Time to SERVING and the latencies of the first `count` calls after it."""
     start = time.perf_counter()
     async with AsyncClient(f"127.0.0.1:{port}") as client:
-        await client.wait_until_serving(60)
+        await client.wait_until_serving(120)
         serving_s = time.perf_counter() - start
         samples = np.empty(count, dtype=np.int64)
         for i in range(count):
             t0 = time.perf_counter_ns()
             await client.get_online_features(pool[i % len(pool)], FEATURES)
             samples[i] = time.perf_counter_ns() - t0
-    return {"serving_after_s": serving_s, "first": Stats.of(f"first {count} 100x50", samples)}
+    return {"serving_after_s": serving_s, "first": Stats.of(f"first {count}", samples)}
 
 
 async def run(args: argparse.Namespace) -> None:
-    rng = np.random.default_rng(11)
-    batches = {n: zipf_batches(4000 if n == 1 else 2000, n, args.users, rng) for n in (1, 100)}
+    traffic = Traffic(args.users, 11)
+    cache = str(args.cache_mib << 20)
     with tempfile.TemporaryDirectory(prefix="bench-hotcache-") as tmp:
         workdir = Path(tmp)
         repo = applied_repo(workdir)
+        write_models(repo)
         registry = load_registry(repo)
         with EmbeddedRedis(workdir / "redis") as redis_server:
             url = redis_server.url
@@ -126,37 +212,63 @@ async def run(args: argparse.Namespace) -> None:
             await write_rows(url, registry, args.users)
             write_s = time.perf_counter() - started
             print(f"wrote {args.users} rows x 3 views in {write_s:.1f} s")
-            results: dict[str, Any] = {"users": args.users, "zipf_s": ZIPF_S,
-                                       "write_s": write_s}  # fmt: skip
-            with server(repo, url, "--cache-bytes", "0") as (port, mport):
-                results["cache_off"] = await measure(port, mport, batches, args.iterations)
-            with server(repo, url, "--cache-bytes", ON, "--hot-publish-s", "1") as (port, mport):
-                results["cache_on"] = await measure(port, mport, batches, args.iterations)
-                await asyncio.sleep(1.5)  # one more publication of the hot set
-            restart_pool = zipf_batches(1000, 100, args.users, np.random.default_rng(12))
-            with server(repo, url, "--cache-bytes", ON) as (port, _):
-                results["restart_prewarm"] = await first_requests(port, restart_pool)
-            with server(repo, url, "--cache-bytes", ON, "--warm-budget-s", "0") as (port, _):
-                results["restart_cold"] = await first_requests(port, restart_pool)
+            results: dict[str, Any] = {
+                "users": args.users, "zipf_s": ZIPF_S, "write_s": write_s,
+                "cache_mib": args.cache_mib, "warm_s": args.warm_s,
+            }  # fmt: skip
+            publish = ("--hot-publish-s", "10")
+            with server(repo, url, "--cache-bytes", "0") as off, \
+                    server(repo, url, "--cache-bytes", cache, *publish) as on:  # fmt: skip
+                results.update(await measure({"cache_off": off, "cache_on": on}, traffic, args))
+                await asyncio.sleep(11)  # one more publication of the hot set
+            restart = [traffic.request("lookup 100x50") for _ in range(1000)]
+            with server(repo, url, "--cache-bytes", cache) as (port, mport, _):
+                results["restart_prewarm"] = await first_requests(port, restart)
+                results["restart_prewarm"]["metrics"] = scrape(mport)
+            with server(repo, url, "--cache-bytes", cache, "--warm-budget-s", "0") as (port, _, _):
+                results["restart_cold"] = await first_requests(port, restart)
+    report(results)
+    print("wrote", write_results("hotcache", results))
+
+
+def report(results: dict[str, Any]) -> None:
     rows = []
-    for mode in ("cache_off", "cache_on"):
-        for size in ("1x50", "100x50"):
-            r = results[mode][size]
-            rows.append({"name": f"{mode} {size}", "hit ratio": r["hit_ratio"],
+    for shape in SHAPES:
+        off, on = results["cache_off"][shape], results["cache_on"][shape]
+        for mode, r in (("off", off), ("on", on)):
+            rows.append({"name": f"{shape} cache {mode}",
+                         "hit ratio": r["hit_ratio"] if mode == "on" else None,
                          "p50 ms": r["stats"].p50_ms, "p99 ms": r["stats"].p99_ms,
                          "calls/s @32": r["throughput_at_32"]})  # fmt: skip
+        rows.append({"name": f"{shape} off/on", "p50 ms": off["stats"].p50_ms / on["stats"].p50_ms,
+                     "p99 ms": off["stats"].p99_ms / on["stats"].p99_ms,
+                     "calls/s @32": on["throughput_at_32"] / off["throughput_at_32"]})  # fmt: skip
+    steady = results["cache_on"]["lookup 100x50"]["stats"].p99_ms
     for mode in ("restart_prewarm", "restart_cold"):
         r = results[mode]
-        rows.append({"name": f"{mode} first 1000 100x50", "p50 ms": r["first"].p50_ms,
-                     "p99 ms": r["first"].p99_ms})  # fmt: skip
+        rows.append({"name": f"{mode} first 1000 lookup 100x50", "p50 ms": r["first"].p50_ms,
+                     "p99 ms": r["first"].p99_ms,
+                     "calls/s @32": r["first"].p99_ms / steady})  # fmt: skip
     print_table(rows, ["name", "hit ratio", "p50 ms", "p99 ms", "calls/s @32"])
-    print("wrote", write_results("hotcache", results))
+    print("(off/on rows: ratios; restart rows: last column is p99 / steady p99 with the cache)")
+    for mode in ("cache_off", "cache_on"):
+        m = results[mode]["metrics"]
+        print(f"{mode}: RSS {results[mode]['rss_mib']:.0f} MiB, cache"
+              f" {m.get('featurestore_cache_bytes', 0) / 2**20:.0f} MiB accounted,"
+              f" {m.get('featurestore_cache_entries', 0):.0f} entries,"
+              f" {m.get('featurestore_cache_evictions_total', 0):.0f} evicted")  # fmt: skip
+    warm = results["restart_prewarm"]
+    print(f"pre-warmed restart: SERVING after {warm['serving_after_s']:.2f} s, warm-up"
+          f" {warm['metrics'].get('featurestore_cache_warm_seconds', 0):.2f} s,"
+          f" {warm['metrics'].get('featurestore_cache_entries', 0):.0f} rows")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--warm-s", type=float, default=180.0)
+    parser.add_argument("--cache-mib", type=int, default=256)
     args = parser.parse_args()
     run_on_uvloop(run(args))
 

@@ -58,11 +58,11 @@ def _parser() -> argparse.ArgumentParser:
         help="embedding views smaller than this get an exact index",
     )
     serve.add_argument("--index-approximate", choices=("hnsw", "ivf"), default="hnsw")
-    serve.add_argument("--cache-bytes", type=int, default=0,
-                       help="hot-key row cache budget in bytes (default 0: no cache)")  # fmt: skip
+    serve.add_argument("--cache-bytes", type=int, default=256 << 20,
+                       help="hot-key row cache budget, bytes (256 MiB; 0: off)")  # fmt: skip
     serve.add_argument("--cache-max-staleness-s", type=float, default=5.0,
                        help="bound on serving a rewritten row when its event is lost")  # fmt: skip
-    serve.add_argument("--cache-max-age-s", type=float, default=60.0,
+    serve.add_argument("--cache-max-age-s", type=float, default=600.0,
                        help="serve a cached row at most this long after reading it")  # fmt: skip
     serve.add_argument("--hot-publish-s", type=float, default=30.0,
                        help="publish this server's hot keys this often (0: never)")  # fmt: skip

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     if not status.enabled:
-        print(f"{args.target}: no hot-key cache (serve with --cache-bytes N)")
+        print(f"{args.target}: no hot-key cache (it runs with --cache-bytes 0)")
         return 0
     print(f"{args.target}: {'serving' if status.serving else 'NOT serving (lease expired)'}")
     print(f"  hit ratio    {status.hit_ratio:.3f} ({status.hits:,} hits, {status.misses:,} misses)")

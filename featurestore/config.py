@@ -53,8 +53,8 @@ class Settings:
             index; at and above, `index_approximate`.
         index_approximate: "hnsw" or "ivf".
         cache_bytes: the hot-key row cache's budget in bytes (0: no cache); see
-            featurestore/hotcache.py. Off by default: against a Redis on the same host
-            its bookkeeping costs more than the round trip it saves (bench_hotcache).
+            featurestore/hotcache.py. On by default (256 MiB, plus a 16 MiB sketch):
+            under Zipf traffic it serves ~90% of rows from memory (bench_hotcache).
         cache_max_staleness_s: the longest a row rewritten by materialization is served
             from the cache after the run announced it, should the announcement be lost
             (the version poll's lease), float seconds.
@@ -78,9 +78,9 @@ class Settings:
     index_refresh_s: float = 300.0
     index_exact_max: int = 50_000
     index_approximate: Literal["hnsw", "ivf"] = "hnsw"
-    cache_bytes: int = 0
+    cache_bytes: int = 256 << 20
     cache_max_staleness_s: float = 5.0
-    cache_max_age_s: float = 60.0
+    cache_max_age_s: float = 600.0
     hot_publish_s: float = 30.0
     warm_budget_s: float = 10.0
 

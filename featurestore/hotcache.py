@@ -11,9 +11,10 @@ knows the top ones; RowCache (rowcache.py) holds packed rows within a byte budge
 maximum age; this module keeps them honest and warm:
 
 - `read` takes the cached rows, fetches only the misses (one round trip, none when all
-  are cached), and admits a fetched row (or its absence) when its key was requested
-  before (its count-min estimate is at least `admit_count`) and no invalidation ran
-  during the fetch (the `epoch`). The caller decodes the combined rows exactly as without a cache:
+  are cached), and admits a fetched row (or its absence) unless an invalidation ran
+  during the fetch (the `epoch`); once the cache is nearly full, only rows of keys
+  requested before (count-min estimate at least `admit_count`): a key asked for once
+  does not push out a hot one. The caller decodes the combined rows exactly as without a cache:
   the cache holds packed rows, so TTL (OUTSIDE_MAX_AGE, from each row's own event time,
   at decode time) and schema checks apply to cached rows identically.
 - Invalidation. Materialization announces every view it wrote on the events channel,
@@ -48,18 +49,22 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import numpy as np
+import numpy.typing as npt
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from featurestore import metrics
+from featurestore.errors import Unavailable
 from featurestore.hotkeys import HotKeys
 from featurestore.rowcache import ABSENT, RowCache
 from featurestore.store import keys
 from featurestore.store.events import WrittenEvent, parse_event
+from featurestore.store.pipe import RedisPipe
 
 __all__ = ["CacheStatus", "HotCache"]
 
@@ -67,8 +72,11 @@ log = logging.getLogger(__name__)
 
 _RETRY_S = (0.1, 5.0)  # first and longest wait before resubscribing
 _WARM_BATCH = 1000  # keys per MGET while warming
+_ROOM = 0.9  # below this share of the budget, every fetched row is admitted
 _DRAIN_S = 0.01  # how often queued keys are counted and counters exported
-_SLICE = 10_000  # keys ranked or published per step before yielding to requests
+# Background work on the event loop runs in slices of ~0.2 ms, so that a request that
+# arrives meanwhile waits no longer than that.
+_SLICE = 1_000  # keys ranked, and written by one ZADD, per step
 
 Fetch = Callable[[list[bytes]], Awaitable[list[bytes | None]]]
 
@@ -112,7 +120,7 @@ class HotCache:
     """
 
     def __init__(self, project: str, redis_url: str, *, cache_bytes: int = 256 << 20,
-                 max_staleness_s: float = 5.0, max_age_s: float = 60.0,
+                 max_staleness_s: float = 5.0, max_age_s: float = 600.0,
                  publish_s: float = 30.0, publish_keys: int = 100_000,
                  admit_count: float = 1.0, decay_s: float = 60.0,
                  sample_every: int = 1) -> None:  # fmt: skip
@@ -131,8 +139,13 @@ class HotCache:
         self._exported = (0, 0, 0, 0)  # hits, misses, evictions, lost events exported
         self._versions: dict[str, int] | None = None  # write version per view, as known
         self._valid_until = 0.0  # the lease: monotonic time until which rows are served
+        # Polls, warm-up reads and publication go through a pipelined hiredis connection
+        # (C packing and parsing: a publication of 100k keys costs ~1/3 of redis-py's);
+        # pub/sub through redis-py, without a socket timeout: the listener waits as long
+        # as it takes for the next message.
+        self._pipe = RedisPipe.from_url(redis_url, timeout_s=max(max_staleness_s / 2, 1.0))
         self._redis = aioredis.Redis.from_url(
-            redis_url, socket_timeout=max(max_staleness_s, 1.0), socket_connect_timeout=5.0,
+            redis_url, socket_timeout=None, socket_connect_timeout=5.0,
             socket_keepalive=True, decode_responses=False, health_check_interval=0,
         )  # fmt: skip
         self._tasks: list[asyncio.Task[None]] = []
@@ -172,12 +185,14 @@ class HotCache:
 
     def admit(self, row_keys: Sequence[bytes], rows: Sequence[bytes | None], epoch: int,
               fetched_at: float, *, admit_all: bool = False) -> int:  # fmt: skip
-        """Cache the rows (None: absent) of `row_keys` requested before (all with
-        `admit_all`), read by a read that started at `fetched_at` (monotonic) in `epoch`;
-        nothing when an invalidation ran since. Returns how many were cached."""
+        """Cache the rows (None: absent) of `row_keys`, read by a read that started at
+        `fetched_at` (monotonic) in `epoch`; nothing when an invalidation ran since. While
+        the cache has room every row is taken; once it is nearly full, only those of keys
+        requested before (all with `admit_all`), so that keys asked for once do not push
+        out hot ones. Returns how many were cached."""
         if epoch != self.rows.epoch:
             return 0
-        if admit_all:
+        if admit_all or self.rows.bytes < self.rows.cache_bytes * _ROOM:
             candidates = list(zip(row_keys, rows, strict=True))
         else:
             wanted = (self.hot.estimates(row_keys) >= self.admit_count).tolist()
@@ -266,10 +281,11 @@ class HotCache:
         """Compare the views' write versions with those announced; drop what moved
         unannounced; renew the lease on success. Redis errors propagate."""
         started, events = time.monotonic(), self.events
-        raw = await self._redis.hgetall(keys.versions_key(self.project).decode())  # type: ignore[misc]
+        raw = await self._pipe.execute(b"HGETALL", keys.versions_key(self.project),
+                                       timeout_s=self.max_staleness_s / 2)  # fmt: skip
         if self.events != events:  # an event arrived meanwhile: compare next time
             return
-        current = {k.decode(): int(v) for k, v in raw.items()}
+        current = {raw[i].decode(): int(raw[i + 1]) for i in range(0, len(raw), 2)}
         known = self._versions
         if known is not None:
             if any(current.get(view, 0) < n for view, n in known.items()):
@@ -292,7 +308,7 @@ class HotCache:
         while True:
             try:
                 await self.poll()
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, Unavailable) as exc:
                 log.warning("hot cache: cannot read the write versions: %s", exc)
             await asyncio.sleep(self.max_staleness_s / 4 if not self._polled.is_set() else
                                 self.max_staleness_s / 2)  # fmt: skip
@@ -318,7 +334,7 @@ class HotCache:
 
     async def _rewarm(self, row_keys: list[bytes]) -> None:
         """Read invalidated keys again, so their next request is a hit."""
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(RedisError, OSError, TimeoutError, Unavailable):
             async with asyncio.timeout(max(5.0, len(row_keys) / 50_000)):
                 await self._fill(row_keys)
 
@@ -327,7 +343,7 @@ class HotCache:
         for start in range(0, len(row_keys), _WARM_BATCH):
             batch = list(row_keys[start : start + _WARM_BATCH])
             epoch, fetched_at = self.rows.epoch, time.monotonic()
-            rows = await self._redis.mget(batch)
+            rows = await self._pipe.execute(b"MGET", *batch)
             filled += self.admit(batch, rows, epoch, fetched_at, admit_all=True)
         return filled
 
@@ -339,11 +355,11 @@ class HotCache:
         filled = 0
         try:
             async with asyncio.timeout(budget_s):
-                hot = await self._redis.zrevrange(self.hot_key, 0, limit - 1)
+                hot = await self._pipe.execute(b"ZREVRANGE", self.hot_key, 0, limit - 1)
                 filled = await self._fill(hot)
         except TimeoutError:
             log.warning("warm-up stopped after its budget of %.1f s", budget_s)
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, Unavailable) as exc:
             log.warning("warm-up failed: %s", exc)
         elapsed = time.perf_counter() - start
         self.warm_seconds, self.warmed_rows = elapsed, filled
@@ -354,51 +370,56 @@ class HotCache:
     async def _warm_logged(self, limit: int) -> None:
         await self.warm(limit)
 
-    async def hottest(self, limit: int) -> list[tuple[bytes, float]]:
-        """The `limit` hottest cached keys and their decayed counts, hottest first.
-
-        The candidates are the cache's keys (each was requested before it was admitted),
-        ranked by the sketch in slices, yielding to requests between them."""
+    async def _hot_slices(self) -> AsyncIterator[tuple[list[bytes], npt.NDArray[np.float32]]]:
+        """The cached keys with a count of at least `min_count`, and their counts, a slice
+        at a time (one C-level copy of the keys, then ~0.2 ms of work per slice, yielding
+        to requests in between). The candidates are the cache's keys: each was requested
+        before it was admitted."""
         self.hot.drain()
         snapshot = self.rows.snapshot()
-        candidates: list[bytes] = []
-        counts = []
         for start in range(0, len(snapshot), _SLICE):
-            chunk = [k for k in snapshot[start : start + _SLICE] if k[:1] != b"\0"]
-            candidates += chunk
-            counts.append(self.hot.estimates(chunk))
             await asyncio.sleep(0)
-        if not candidates:
-            return []
-        estimates = np.concatenate(counts)
-        chosen = np.flatnonzero(estimates >= self.hot.min_count)
-        if len(chosen) > limit:
-            chosen = chosen[np.argpartition(estimates[chosen], -limit)[-limit:]]
-        chosen = chosen[np.argsort(estimates[chosen], kind="stable")[::-1]]
-        return [(candidates[i], float(estimates[i])) for i in chosen.tolist()]
+            chunk = [k for k in snapshot[start : start + _SLICE] if k[0]]  # not a marker
+            counts = self.hot.estimates(chunk)
+            hot = np.flatnonzero(counts >= self.hot.min_count)
+            yield [chunk[i] for i in hot.tolist()], counts[hot]
+
+    async def hottest(self, limit: int) -> list[tuple[bytes, float]]:
+        """The `limit` hottest cached keys and their decayed counts, hottest first."""
+        best: list[tuple[bytes, float]] = []
+        async for names, counts in self._hot_slices():
+            if len(names) > limit:
+                top = np.argpartition(counts, -limit)[-limit:].tolist()
+                names, counts = [names[i] for i in top], counts[top]
+            best = sorted([*best, *zip(names, counts.tolist(), strict=True)],
+                          key=lambda kv: kv[1], reverse=True)[:limit]  # fmt: skip
+        return best
 
     async def publish(self) -> int:
-        """Write this replica's hottest keys to the fleet's hot set; returns how many.
+        """Write this replica's hot keys to the fleet's hot set; returns how many.
 
-        Each key's score is this replica's decayed count (the last replica to publish a
-        key sets it), written in slices; the set is trimmed to 2 x `publish_keys` and
-        expires after 10 publication periods without one."""
-        top = await self.hottest(self.publish_keys)
-        for start in range(0, len(top), _SLICE):
-            await self._redis.zadd(self.hot_key, dict(top[start : start + _SLICE]))
-        if top:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.zremrangebyrank(self.hot_key, 0, -(2 * self.publish_keys) - 1)
-            pipe.expire(self.hot_key, max(int(10 * self.publish_s), 60))
-            await pipe.execute()
-        return len(top)
+        Every cached key counted at least `min_count` is written with its decayed count
+        as score (the last replica to write a key sets it), a slice at a time; Redis does
+        the ranking: the set is trimmed to its 2 x `publish_keys` highest and expires
+        after 10 publication periods without one."""
+        written = 0
+        async for names, counts in self._hot_slices():
+            if names:
+                pairs = itertools.chain.from_iterable(zip(counts.tolist(), names, strict=True))
+                await self._pipe.execute(b"ZADD", self.hot_key, *cast(Any, pairs))
+                written += len(names)
+        if written:
+            await self._pipe.execute(b"ZREMRANGEBYRANK", self.hot_key, 0,
+                                     -(2 * self.publish_keys) - 1)  # fmt: skip
+            await self._pipe.execute(b"EXPIRE", self.hot_key, max(int(10 * self.publish_s), 60))
+        return written
 
     async def _publish_forever(self) -> None:
         while True:
             await asyncio.sleep(self.publish_s)
             try:
                 await self.publish()
-            except (RedisError, OSError) as exc:
+            except (RedisError, OSError, Unavailable) as exc:
                 log.warning("could not publish hot keys: %s", exc)
 
     async def status(self, top: int = 20) -> CacheStatus:
@@ -424,6 +445,7 @@ class HotCache:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        await self._pipe.close()
         await self._redis.aclose()
 
 
