@@ -6,17 +6,19 @@
     await cache.warm(100_000, budget_s=10) # the fleet's hot rows, before SERVING
     rows = await cache.read(row_keys, fetch)   # cached rows + one fetch of the misses
 
-Parts: HotKeys (hotkeys.py) counts every requested row key off the request path and
-knows the top ones; RowCache (rowcache.py) holds packed rows within a byte budget and a
-maximum age; this module keeps them honest and warm:
+Parts: HotKeys (hotkeys.py) counts every requested row key off the request path (a
+count-min sketch; the cache's keys ranked by it are the hottest); RowCache (rowcache.py)
+holds packed rows within a byte budget and a maximum age; this module keeps them honest
+and warm:
 
 - `read` takes the cached rows, fetches only the misses (one round trip, none when all
   are cached), and admits a fetched row (or its absence) unless an invalidation ran
   during the fetch (the `epoch`); once the cache is nearly full, only rows of keys
-  requested before (count-min estimate at least `admit_count`): a key asked for once
-  does not push out a hot one. The caller decodes the combined rows exactly as without a cache:
-  the cache holds packed rows, so TTL (OUTSIDE_MAX_AGE, from each row's own event time,
-  at decode time) and schema checks apply to cached rows identically.
+  requested at least as often as those the last eviction dropped (count-min estimates):
+  a key asked for once does not push out a hot one, and the cache does not churn. The
+  caller decodes the combined rows exactly as without a cache: the cache holds packed
+  rows, so TTL (OUTSIDE_MAX_AGE, from each row's own event time, at decode time) and
+  schema checks apply to cached rows identically.
 - Invalidation. Materialization announces every view it wrote on the events channel,
   after Redis acknowledged the rows, with the view's new write version (a counter in
   the hash `<project>:__meta__:versions`, incremented in the same script that
@@ -137,6 +139,7 @@ class HotCache:
         self.warm_seconds = 0.0
         self.warmed_rows = 0
         self._exported = (0, 0, 0, 0)  # hits, misses, evictions, lost events exported
+        self._evicted_count = 0.0  # the median count of the keys last evicted
         self._versions: dict[str, int] | None = None  # write version per view, as known
         self._valid_until = 0.0  # the lease: monotonic time until which rows are served
         # Polls, warm-up reads and publication go through a pipelined hiredis connection
@@ -188,17 +191,24 @@ class HotCache:
         """Cache the rows (None: absent) of `row_keys`, read by a read that started at
         `fetched_at` (monotonic) in `epoch`; nothing when an invalidation ran since. While
         the cache has room every row is taken; once it is nearly full, only those of keys
-        requested before (all with `admit_all`), so that keys asked for once do not push
-        out hot ones. Returns how many were cached."""
+        requested at least as often as the keys the last eviction dropped (their median
+        count; at least `admit_count`), so that keys asked for once do not push out hot
+        ones and the cache does not churn. `admit_all` takes every row. Returns how many
+        were cached."""
         if epoch != self.rows.epoch:
             return 0
         if admit_all or self.rows.bytes < self.rows.cache_bytes * _ROOM:
             candidates = list(zip(row_keys, rows, strict=True))
         else:
-            wanted = (self.hot.estimates(row_keys) >= self.admit_count).tolist()
+            bar = max(self.admit_count, self._evicted_count)
+            wanted = (self.hot.estimates(row_keys) >= bar).tolist()
             candidates = list(itertools.compress(zip(row_keys, rows, strict=True), wanted))
-        put = self.rows.put
-        return sum(put(key, ABSENT if row is None else row, fetched_at) for key, row in candidates)
+        put, evictions = self.rows.put, self.rows.evictions
+        admitted = sum(put(key, ABSENT if row is None else row, fetched_at)
+                       for key, row in candidates)  # fmt: skip
+        if self.rows.evictions != evictions:  # the bar: as hot as what goes out
+            self._evicted_count = float(np.median(self.hot.estimates(self.rows.evicted)))
+        return admitted
 
     # Background work -----------------------------------------------------------------------
 

@@ -19,10 +19,11 @@ the front:
 - budget: while the accounted bytes exceed `cache_bytes`, the oldest segment goes
   (first in, first out: a hot row is read again at most once per trip through the cache).
 
-The accounting is the memory really held: sys.getsizeof of each key and row plus
-ENTRY_OVERHEAD for the OrderedDict's slot and link (measured with tracemalloc; the test
-suite checks the budget against tracemalloc). Every invalidation increments `epoch`, which
-lets a caller refuse to cache a row whose read raced an invalidation.
+The accounting is the memory really held: the size of each key and row object (their
+length plus a bytes object's header) plus ENTRY_OVERHEAD for the OrderedDict's slot and
+link (measured with tracemalloc; the test suite checks the budget against tracemalloc).
+Every invalidation increments `epoch`, which lets a caller refuse to cache a row whose
+read raced an invalidation.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ ABSENT = b""  # the cached "Redis has no row here" (shorter than any row: NOT_FO
 # tracemalloc at several fill levels, rounded up (tests/unit/test_rowcache.py checks it).
 ENTRY_OVERHEAD = 184
 SEGMENT_ENTRIES = 1024
+_TWO_HEADERS = 2 * sys.getsizeof(b"") + ENTRY_OVERHEAD  # key and row objects, bookkeeping
 _SLACK_S = 1.0  # a segment's time is its first read's start minus this (at most a tenth
 # of the maximum age), so that reads which started a little earlier still fit
 
@@ -61,6 +63,7 @@ class RowCache:
         self.bytes = 0
         self.epoch = 0  # incremented by every invalidation
         self.evictions = 0  # rows dropped for the budget
+        self.evicted: list[bytes] = []  # the keys of the last segment dropped for it
         self._rows: OrderedDict[bytes, bytes | None] = OrderedDict()  # None: a marker
         self._marks: deque[tuple[float, bytes]] = deque()  # (time, marker key) per segment
         self._segment_left = 0  # rows the newest segment still takes
@@ -97,7 +100,7 @@ class RowCache:
         marks = self._marks
         if marks and fetched_at < marks[-1][0]:
             return False
-        size = sys.getsizeof(key) + sys.getsizeof(row) + ENTRY_OVERHEAD
+        size = len(key) + len(row) + _TWO_HEADERS
         if size > self.cache_bytes:
             return False
         old = self._rows.pop(key, None)
@@ -109,7 +112,8 @@ class RowCache:
         self._segment_left -= 1
         self.bytes += size
         while self.bytes > self.cache_bytes:
-            self.evictions += self._drop_segment()
+            self.evicted = self._drop_segment()
+            self.evictions += len(self.evicted)
         return True
 
     def _open_segment(self, fetched_at: float) -> None:
@@ -123,8 +127,8 @@ class RowCache:
         self.bytes += _size(marker, None)
         self._segment_left = SEGMENT_ENTRIES
 
-    def _drop_segment(self) -> int:
-        """Drop the oldest segment; returns the rows it held."""
+    def _drop_segment(self) -> list[bytes]:
+        """Drop the oldest segment; returns the keys of the rows it held."""
         rows = self._rows
         _, marker = self._marks.popleft()
         del rows[marker]
@@ -132,13 +136,13 @@ class RowCache:
         following = self._marks[0][1] if self._marks else None
         if following is None:
             self._segment_left = 0
-        dropped = 0
+        dropped = []
         while rows:
             key = next(iter(rows))
             if key is following:
                 break
             self.bytes -= _size(key, rows.pop(key))
-            dropped += 1
+            dropped.append(key)
         return dropped
 
     def expire(self) -> int:
@@ -146,7 +150,7 @@ class RowCache:
         cutoff = time.monotonic() - self.max_age_s
         dropped = 0
         while self._marks and self._marks[0][0] < cutoff:
-            dropped += self._drop_segment()
+            dropped += len(self._drop_segment())
         return dropped
 
     def invalidate(self, row_keys: Sequence[bytes]) -> list[bytes]:
@@ -176,4 +180,4 @@ class RowCache:
 
 
 def _size(key: bytes, row: bytes | None) -> int:
-    return sys.getsizeof(key) + sys.getsizeof(row) + ENTRY_OVERHEAD
+    return len(key) + (0 if row is None else len(row)) + _TWO_HEADERS
