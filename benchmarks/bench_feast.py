@@ -276,7 +276,8 @@ def lookups(args: argparse.Namespace, repo: Path, env: dict[str, str], rds: Embe
     port, echo_port = free_port(), free_port()
     serve = [str(BIN / "featurestore"), "serve", "--repo", str(repo), "--redis", rds.url,
              "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers),
-             "--registry-refresh-s", "0"]  # fmt: skip
+             "--registry-refresh-s", "0",
+             "--cache-bytes", "0"]  # no hot-key cache: bench_hotcache's  # fmt: skip
     echo = [sys.executable, str(HERE / "echo_server.py"), str(echo_port)]
     out: dict[str, Any] = {"variants": {}}
     with serving(serve, env, port, ROOT), serving(echo, env, echo_port, ROOT):

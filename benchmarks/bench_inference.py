@@ -257,6 +257,8 @@ async def run(args: argparse.Namespace) -> None:
                 "0",
                 "--index-refresh-s",
                 "0",
+                "--cache-bytes",  # without the hot-key cache: bench_hotcache measures it
+                "0",
             ]
             with process(serve, port):
                 rows = await measure(args, port)

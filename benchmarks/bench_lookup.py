@@ -197,7 +197,8 @@ async def run(args: argparse.Namespace) -> None:
             port, echo_port = free_port(), free_port()
             serve = [sys.executable, "-m", "featurestore", "serve", "--repo", str(repo),
                      "--redis", url, "--host", "127.0.0.1", "--port", str(port),
-                     "--registry-refresh-s", "0"]  # fmt: skip
+                     "--registry-refresh-s", "0",
+                     "--cache-bytes", "0"]  # no hot-key cache: bench_hotcache's  # fmt: skip
             echo = [sys.executable, str(Path(__file__).parent / "echo_server.py"), str(echo_port)]
             with process(serve, port), process(echo, echo_port):
                 async with AsyncClient(f"127.0.0.1:{port}") as client:

@@ -150,7 +150,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             port = free_port()
             serve = [sys.executable, "-m", "featurestore", "serve", "--repo", str(repo),
                      "--redis", redis_server.url, "--host", "127.0.0.1", "--port", str(port),
-                     "--registry-refresh-s", "0", "--index-refresh-s", "0"]  # fmt: skip
+                     "--registry-refresh-s", "0", "--index-refresh-s", "0",
+                     "--cache-bytes", "0"]  # no hot-key cache: bench_hotcache's  # fmt: skip
             with process(serve, port):
                 started = time.perf_counter()
                 async with AsyncClient(f"127.0.0.1:{port}", timeout_s=60) as client:

@@ -49,6 +49,7 @@ class AdminServicer(pb_grpc.FeatureStoreAdminServicer):
             budget_bytes=status.budget_bytes, hits=status.hits, misses=status.misses,
             hit_ratio=status.hit_ratio, evictions=status.evictions,
             invalidations=status.invalidations, lost_events=status.lost_events,
+            bypassed=status.bypassed,
             warm_seconds=status.warm_seconds, warmed_rows=status.warmed_rows,
             top_keys=[pb.HotKey(key=key, count=count) for key, count in status.top],
         )  # fmt: skip
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         "bytes": status.bytes, "budget_bytes": status.budget_bytes, "hits": status.hits,
         "misses": status.misses, "hit_ratio": status.hit_ratio,
         "evictions": status.evictions, "invalidations": status.invalidations,
-        "lost_events": status.lost_events, "warm_seconds": status.warm_seconds,
+        "lost_events": status.lost_events, "bypassed": status.bypassed,
+        "warm_seconds": status.warm_seconds,
         "warmed_rows": status.warmed_rows,
         "top_keys": [[k.key.decode(errors="replace"), k.count] for k in status.top_keys],
     }  # fmt: skip
@@ -95,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.target}: no hot-key cache (it runs with --cache-bytes 0)")
         return 0
     print(f"{args.target}: {'serving' if status.serving else 'NOT serving (lease expired)'}")
-    print(f"  hit ratio    {status.hit_ratio:.3f} ({status.hits:,} hits, {status.misses:,} misses)")
+    print(f"  hit ratio    {status.hit_ratio:.3f} ({status.hits:,} hits, {status.misses:,} misses)"
+          + (": low, 15 reads in 16 skip the cache" if status.bypassed else ""))  # fmt: skip
     print(f"  entries      {status.entries:,} in {status.bytes / 2**20:,.1f} MiB"
           f" of {status.budget_bytes / 2**20:,.1f} MiB")  # fmt: skip
     print(f"  evictions    {status.evictions:,}; invalidations {status.invalidations:,};"

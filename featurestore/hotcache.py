@@ -15,7 +15,9 @@ and warm:
   are cached), and admits a fetched row (or its absence) unless an invalidation ran
   during the fetch (the `epoch`); once the cache is nearly full, only rows of keys
   requested at least as often as those the last eviction dropped (count-min estimates):
-  a key asked for once does not push out a hot one, and the cache does not churn. The
+  a key asked for once does not push out a hot one, and the cache does not churn. When
+  the hit ratio over the last 100k lookups is under 50% (traffic without hot keys), 15
+  reads in 16 skip the cache: its lookups would cost more than they save. The
   caller decodes the combined rows exactly as without a cache: the cache holds packed
   rows, so TTL (OUTSIDE_MAX_AGE, from each row's own event time, at decode time) and
   schema checks apply to cached rows identically.
@@ -75,6 +77,11 @@ log = logging.getLogger(__name__)
 _RETRY_S = (0.1, 5.0)  # first and longest wait before resubscribing
 _WARM_BATCH = 1000  # keys per MGET while warming
 _ROOM = 0.9  # below this share of the budget, every fetched row is admitted
+# Traffic without hot keys (a hit ratio under _BYPASS_BELOW over `bypass_window` lookups)
+# makes the cache cost more than it saves (a lookup in a large dict is a few CPU cache
+# misses, as in Redis): then only 1 read in _PROBE goes through it, which keeps measuring.
+_BYPASS_BELOW = 0.5
+_PROBE = 16
 _DRAIN_S = 0.01  # how often queued keys are counted and counters exported
 # Background work on the event loop runs in slices of ~0.2 ms, so that a request that
 # arrives meanwhile waits no longer than that.
@@ -95,6 +102,7 @@ class CacheStatus:
     evictions: int
     invalidations: int
     lost_events: int
+    bypassed: bool
     warm_seconds: float
     warmed_rows: int
     serving: bool
@@ -119,13 +127,14 @@ class HotCache:
         publish_keys: how many of them.
         admit_count: the least count-min estimate of a key whose fetched row is cached.
         decay_s, sample_every: the tracker's (HotKeys).
+        bypass_window: the lookups over which the hit ratio decides the bypass.
     """
 
     def __init__(self, project: str, redis_url: str, *, cache_bytes: int = 256 << 20,
                  max_staleness_s: float = 5.0, max_age_s: float = 600.0,
                  publish_s: float = 30.0, publish_keys: int = 100_000,
                  admit_count: float = 1.0, decay_s: float = 60.0,
-                 sample_every: int = 1) -> None:  # fmt: skip
+                 sample_every: int = 1, bypass_window: int = 100_000) -> None:  # fmt: skip
         self.project = project
         self.hot = HotKeys(decay_s=decay_s, sample_every=sample_every)
         self.rows = RowCache(project, cache_bytes, max_age_s)
@@ -140,6 +149,10 @@ class HotCache:
         self.warmed_rows = 0
         self._exported = (0, 0, 0, 0)  # hits, misses, evictions, lost events exported
         self._evicted_count = 0.0  # the median count of the keys last evicted
+        self.bypassed = False  # the last window's hit ratio was under _BYPASS_BELOW
+        self._reads = 0
+        self._window = [0, 0]  # hits and lookups since the window began
+        self.bypass_window = bypass_window
         self._versions: dict[str, int] | None = None  # write version per view, as known
         self._valid_until = 0.0  # the lease: monotonic time until which rows are served
         # Polls, warm-up reads and publication go through a pipelined hiredis connection
@@ -160,13 +173,19 @@ class HotCache:
     async def read(self, row_keys: list[bytes], fetch: Fetch) -> list[bytes | None]:
         """The row of each key: cached where possible, the rest from `fetch` (once)."""
         self.hot.record(row_keys)
-        if time.monotonic() >= self._valid_until:  # the lease ran out: nothing is served
-            self.misses += len(row_keys)
+        self._reads += 1
+        if time.monotonic() >= self._valid_until or (self.bypassed and self._reads % _PROBE):
+            self.misses += len(row_keys)  # the lease ran out, or the traffic is not skewed
             return await fetch(row_keys)
         rows = self.rows.get_many(row_keys)
         missing = rows.count(None)
         self.hits += len(rows) - missing
         self.misses += missing
+        self._window[0] += len(rows) - missing
+        self._window[1] += len(rows)
+        if self._window[1] >= self.bypass_window:
+            self.bypassed = self._window[0] < _BYPASS_BELOW * self._window[1]
+            self._window = [0, 0]
         if not missing:
             return rows
         epoch, started = self.rows.epoch, time.monotonic()
@@ -438,7 +457,7 @@ class HotCache:
         return CacheStatus(
             entries=len(self.rows), size_bytes=self.rows.bytes, budget_bytes=self.rows.cache_bytes,
             hits=self.hits, misses=self.misses, evictions=self.rows.evictions,
-            invalidations=self.invalidations, lost_events=self.lost_events,
+            invalidations=self.invalidations, lost_events=self.lost_events, bypassed=self.bypassed,
             warm_seconds=self.warm_seconds, warmed_rows=self.warmed_rows,
             serving=time.monotonic() < self._valid_until, top=hottest,
         )  # fmt: skip

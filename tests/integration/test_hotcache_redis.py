@@ -420,3 +420,34 @@ async def test_materialize_warm_makes_servers_rewarm(
     assert "asked 1 subscriber(s)" in capsys.readouterr().out
     await until(lambda: len(cache.rows) == 4)
     assert all(k in cache.rows for k in hot[:4])
+
+
+async def test_traffic_without_hot_keys_mostly_skips_the_cache(
+    redis_url: str, registry: Registry
+) -> None:
+    cache = HotCache(registry.project, redis_url, publish_s=0, bypass_window=10_000)
+    fetched = 0
+
+    async def fetch(wanted: list[bytes]) -> list[bytes | None]:
+        nonlocal fetched
+        fetched += len(wanted)
+        return [b"row"] * len(wanted)
+
+    try:
+        await cache.poll()  # the lease
+        for start in range(0, 10_000, 100):  # every key once: a hit ratio of 0
+            await cache.read(user_keys(range(start, start + 100)), fetch)
+        assert cache.bypassed
+        cached, fetched = len(cache.rows), 0
+        for _ in range(32):  # the same 100 keys: 30 of 32 reads skip the cache
+            await cache.read(user_keys(range(100)), fetch)
+        assert fetched >= 30 * 100 and len(cache.rows) >= cached
+        for _ in range(1700):  # hot keys again: the probes find them, the bypass ends
+            await cache.read(user_keys(range(100)), fetch)
+        assert not cache.bypassed and (await cache.status()).hit_ratio > 0
+    finally:
+        await cache.close()
+
+
+def user_keys(ids: range) -> list[bytes]:
+    return keys.row_keys("recsys", "user_profile", keys.entity_tokens([list(ids)]))

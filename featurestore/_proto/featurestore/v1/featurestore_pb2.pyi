@@ -759,6 +759,7 @@ class CacheStatusResponse(_message.Message):
     WARM_SECONDS_FIELD_NUMBER: _builtins.int
     WARMED_ROWS_FIELD_NUMBER: _builtins.int
     TOP_KEYS_FIELD_NUMBER: _builtins.int
+    BYPASSED_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     """false: the replica runs without a cache (--cache-bytes 0)"""
     serving: _builtins.bool
@@ -783,6 +784,8 @@ class CacheStatusResponse(_message.Message):
     """the last warm-up's duration"""
     warmed_rows: _builtins.int
     """rows it loaded"""
+    bypassed: _builtins.bool
+    """the hit ratio is under 50%: 15 reads in 16 skip the cache"""
     @_builtins.property
     def top_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___HotKey]: ...
     def __init__(
@@ -802,10 +805,11 @@ class CacheStatusResponse(_message.Message):
         warm_seconds: _builtins.float = ...,
         warmed_rows: _builtins.int = ...,
         top_keys: _abc.Iterable[Global___HotKey] | None = ...,
+        bypassed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_bytes", b"budget_bytes", "bytes", b"bytes", "enabled", b"enabled", "entries", b"entries", "evictions", b"evictions", "hit_ratio", b"hit_ratio", "hits", b"hits", "invalidations", b"invalidations", "lost_events", b"lost_events", "misses", b"misses", "serving", b"serving", "top_keys", b"top_keys", "warm_seconds", b"warm_seconds", "warmed_rows", b"warmed_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_bytes", b"budget_bytes", "bypassed", b"bypassed", "bytes", b"bytes", "enabled", b"enabled", "entries", b"entries", "evictions", b"evictions", "hit_ratio", b"hit_ratio", "hits", b"hits", "invalidations", b"invalidations", "lost_events", b"lost_events", "misses", b"misses", "serving", b"serving", "top_keys", b"top_keys", "warm_seconds", b"warm_seconds", "warmed_rows", b"warmed_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
