@@ -10,8 +10,8 @@ same time: one with the cache (`--cache-mib`), one with --cache-bytes 0. Every r
 drawn afresh (nothing is replayed): user and item ids from Zipf laws (s = 1.1) over the
 `--users` written ids, the hottest spread over the id space. The cached server first
 takes `--warm-s` seconds of mixed traffic at 32 calls in flight (a replica that has been
-serving for a while: about 5M user and 5M item draws by default, the point from which a
-simulation of the cache's policy shows a flat hit ratio); then, per request shape,
+serving for a while: several million user and item draws by default, until the 256 MiB
+cache is full); then, per request shape,
 
     lookup 1x50     GetOnlineFeatures, one user and one item, 50 features (3 views)
     lookup 100x50   100 users and 100 items
