@@ -150,6 +150,7 @@ class HotCache:
         self._exported = (0, 0, 0, 0)  # hits, misses, evictions, lost events exported
         self._evicted_count = 0.0  # the median count of the keys last evicted
         self.bypassed = False  # the last window's hit ratio was under _BYPASS_BELOW
+        self._dropping = 0  # views being dropped: reads skip the cache meanwhile
         self._reads = 0
         self._window = [0, 0]  # hits and lookups since the window began
         self.bypass_window = bypass_window
@@ -174,8 +175,10 @@ class HotCache:
         """The row of each key: cached where possible, the rest from `fetch` (once)."""
         self.hot.record(row_keys)
         self._reads += 1
-        if time.monotonic() >= self._valid_until or (self.bypassed and self._reads % _PROBE):
-            self.misses += len(row_keys)  # the lease ran out, or the traffic is not skewed
+        if (time.monotonic() >= self._valid_until or self._dropping
+                or (self.bypassed and self._reads % _PROBE)):  # fmt: skip
+            # The lease ran out, a view is being dropped, or the traffic is not skewed.
+            self.misses += len(row_keys)
             return await fetch(row_keys)
         rows = self.rows.get_many(row_keys)
         missing = rows.count(None)
@@ -292,12 +295,37 @@ class HotCache:
             self._versions[view] = max(known, version)  # type: ignore[index]
             if skipped:
                 self.lost_events += 1
-                return self.rows.invalidate_view(view)
+                self.drop_view(view)
+                return []
         ids = event.ids_of(view)
         if ids is None:
-            return self.rows.invalidate_view(view)
+            self.drop_view(view)
+            return []
         tokens = keys.entity_tokens([ids.tolist()])
         return self.rows.invalidate(keys.row_keys(self.project, view, tokens))
+
+    def drop_view(self, view: str) -> None:
+        """Drop every cached row of `view`, then read them again, in the background.
+
+        From this call until the last row is dropped, reads skip the cache (and cache
+        nothing): dropping 200k rows takes ~0.1 s of Python, done in slices so that
+        requests keep flowing, and no slice boundary may serve one of them."""
+        self._dropping += 1
+        self.rows.epoch += 1  # reads in flight from before: not cached
+        self._spawn(self._drop_view(view))
+
+    async def _drop_view(self, view: str) -> None:
+        prefix = f"{self.project}:{view}:{{".encode()
+        dropped: list[bytes] = []
+        try:
+            snapshot = self.rows.snapshot()
+            for start in range(0, len(snapshot), 10 * _SLICE):
+                chunk = [k for k in snapshot[start : start + 10 * _SLICE] if k.startswith(prefix)]
+                dropped += self.rows.invalidate(chunk)
+                await asyncio.sleep(0)
+        finally:
+            self._dropping -= 1
+        await self._rewarm(dropped)
 
     def _drop_all(self, why: str) -> None:
         if len(self.rows):
@@ -321,14 +349,10 @@ class HotCache:
                 self.lost_events += 1
                 self._drop_all("the write versions went back (Redis flushed or replaced)")
             else:
-                moved = [v for v, n in current.items() if n > known.get(v, 0)]
-                rewarm: list[bytes] = []
-                for view in moved:
+                for view in [v for v, n in current.items() if n > known.get(v, 0)]:
                     self.lost_events += 1
                     log.warning("hot cache: %s was written without an event reaching us", view)
-                    rewarm += self.rows.invalidate_view(view)
-                if rewarm:
-                    self._spawn(self._rewarm(rewarm))
+                    self.drop_view(view)
         self._versions = current
         self._valid_until = started + self.max_staleness_s
         self._polled.set()

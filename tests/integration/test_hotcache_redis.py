@@ -287,10 +287,16 @@ async def test_a_skipped_version_drops_the_view(
     assert len(cache.rows) == 30
     version = int(await redis_client.hget(keys.versions_key(registry.project), "item_stats")
                   or 0)  # fmt: skip
-    # The event of version + 1 was lost; that of version + 2 names only item 3.
+    # The run of version + 1 rewrote item 5, its event was lost; that of version + 2
+    # names only item 3.
+    await write(redis_client, registry, "item_stats", [5], [55.0], now_us())
     cache.follow(b'{"event": "written", "views": ["item_stats"], "ids": {"item_stats": [3]},'
                  b' "versions": {"item_stats": %d}}' % (version + 2))  # fmt: skip
-    assert len(cache.rows) == 20 and cache.lost_events == 1  # all 10 item rows went
+    assert cache.lost_events == 1
+    assert await value_of(lookup, 5) == 55.0  # at once: reads skip the view while it drops
+    await until(lambda: not cache._dropping and len(cache.rows) == 30)  # dropped, re-read
+    calls = mget_pipe(lookup).calls
+    assert await value_of(lookup, 5) == 55.0 and mget_pipe(lookup).calls == calls  # a hit
 
 
 async def test_rewritten_versions_going_back_drop_everything(
