@@ -3,15 +3,17 @@ with and without pre-warm, in the same run.
 
     .venv/bin/python benchmarks/bench_hotcache.py [--users 1000000] [--iterations 2000]
                                                   [--warm-s 180] [--cache-mib 256]
+                                                  [--law zipf|uniform]
 
 Starts an embedded Redis, writes `--users` rows of user_profile, user_activity and
 item_stats (as bench_lookup.py does), then two feature servers on the same Redis at the
 same time: one with the cache (`--cache-mib`), one with --cache-bytes 0. Every request is
 drawn afresh (nothing is replayed): user and item ids from Zipf laws (s = 1.1) over the
-`--users` written ids, the hottest spread over the id space. The cached server first
-takes `--warm-s` seconds of mixed traffic at 32 calls in flight (a replica that has been
-serving for a while: several million user and item draws by default, until the 256 MiB
-cache is full); then, per request shape,
+`--users` written ids, the hottest spread over the id space (`--law uniform`: every id
+as likely, traffic without hot keys: what the cache costs where it cannot help). The
+cached server first takes `--warm-s` seconds of mixed traffic at 32 calls in flight (a
+replica that has been serving for a while: several million user and item draws by
+default, until the 256 MiB cache is full); then, per request shape,
 
     lookup 1x50     GetOnlineFeatures, one user and one item, 50 features (3 views)
     lookup 100x50   100 users and 100 items
@@ -66,12 +68,23 @@ class Zipf:
         return self.perm[ranks].tolist()  # type: ignore[no-any-return]
 
 
+class Uniform:
+    """Ids in [0, n), every one as likely: traffic without hot keys."""
+
+    def __init__(self, n: int, rng: np.random.Generator) -> None:
+        self.n, self.rng = n, rng
+
+    def draw(self, count: int) -> list[int]:
+        return self.rng.integers(0, self.n, count).tolist()  # type: ignore[no-any-return]
+
+
 class Traffic:
     """Fresh requests of every shape: one user law, one item law (fixed by `seed`)."""
 
-    def __init__(self, users: int, seed: int) -> None:
+    def __init__(self, users: int, seed: int, law: str = "zipf") -> None:
         rng = np.random.default_rng(seed)
-        self.users, self.items = Zipf(users, rng), Zipf(users, rng)
+        kind = Zipf if law == "zipf" else Uniform
+        self.users, self.items = kind(users, rng), kind(users, rng)
 
     def request(self, shape: str) -> dict[str, list[int]]:
         users = 100 if shape == "lookup 100x50" else 1
@@ -199,7 +212,7 @@ async def first_requests(port: int, pool: list[Any], count: int = 1000) -> dict[
 
 
 async def run(args: argparse.Namespace) -> None:
-    traffic = Traffic(args.users, 11)
+    traffic = Traffic(args.users, 11, args.law)
     cache = str(args.cache_mib << 20)
     with tempfile.TemporaryDirectory(prefix="bench-hotcache-") as tmp:
         workdir = Path(tmp)
@@ -213,7 +226,7 @@ async def run(args: argparse.Namespace) -> None:
             write_s = time.perf_counter() - started
             print(f"wrote {args.users} rows x 3 views in {write_s:.1f} s")
             results: dict[str, Any] = {
-                "users": args.users, "zipf_s": ZIPF_S, "write_s": write_s,
+                "users": args.users, "law": args.law, "zipf_s": ZIPF_S, "write_s": write_s,
                 "cache_mib": args.cache_mib, "warm_s": args.warm_s,
             }  # fmt: skip
             publish = ("--hot-publish-s", "10")
@@ -269,6 +282,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--warm-s", type=float, default=180.0)
     parser.add_argument("--cache-mib", type=int, default=256)
+    parser.add_argument("--law", choices=("zipf", "uniform"), default="zipf",
+                        help="uniform: traffic without hot keys (the cache's cost)")  # fmt: skip
     args = parser.parse_args()
     run_on_uvloop(run(args))
 

@@ -2,7 +2,7 @@
 
     featurestore-materialize incremental [--views a,b] [--repo PATH] [--redis URL] [--dsn DSN]
     featurestore-materialize backfill --start 2026-11-01T00:00 --end 2026-11-20T00:00
-    featurestore-materialize warm [--limit 10000] [--repo PATH] [--redis URL]
+    featurestore-materialize warm [--limit 100000] [--repo PATH] [--redis URL]
 
 `warm` writes nothing: it publishes a "warm" event on the project's events channel, and
 every running server re-reads the fleet's hot set (`<project>:__meta__:hot`) into its
@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     backfill.add_argument("--end", type=_moment, required=True, help="ISO time, exclusive")
     warm = modes.add_parser("warm", parents=[after],
                             help="ask every server to re-warm its hot-key cache")  # fmt: skip
-    warm.add_argument("--limit", type=int, default=10_000, help="hot keys to read (>= 1)")
+    warm.add_argument("--limit", type=int, default=100_000, help="hot keys to read (>= 1)")
     return parser
 
 
