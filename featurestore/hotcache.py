@@ -34,7 +34,8 @@ and warm:
   check started less than `max_staleness_s` ago (a lease): when Redis cannot be reached
   to check, the cache stops serving rather than serve rows it cannot vouch for.
 - Pre-warm: `warm` reads the fleet's hot set (the sorted set `<project>:__meta__:hot`,
-  which every replica refreshes with its own top keys every `publish_s`) into the cache;
+  which every replica refreshes with its own hot keys every `publish_s`; hotset.py) into
+  the cache;
   the server calls it before reporting SERVING; a "warm" event
   (`featurestore-materialize warm`) makes every replica call it again.
 
@@ -53,16 +54,14 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
 
 import numpy as np
-import numpy.typing as npt
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from featurestore import metrics
+from featurestore import hotset, metrics
 from featurestore.errors import Unavailable
 from featurestore.hotkeys import HotKeys
 from featurestore.rowcache import ABSENT, RowCache
@@ -83,9 +82,6 @@ _ROOM = 0.9  # below this share of the budget, every fetched row is admitted
 _BYPASS_BELOW = 0.5
 _PROBE = 16
 _DRAIN_S = 0.01  # how often queued keys are counted and counters exported
-# Background work on the event loop runs in slices of ~0.2 ms, so that a request that
-# arrives meanwhile waits no longer than that.
-_SLICE = 1_000  # keys ranked, and written by one ZADD, per step
 
 Fetch = Callable[[list[bytes]], Awaitable[list[bytes | None]]]
 
@@ -319,8 +315,10 @@ class HotCache:
         dropped: list[bytes] = []
         try:
             snapshot = self.rows.snapshot()
-            for start in range(0, len(snapshot), 10 * _SLICE):
-                chunk = [k for k in snapshot[start : start + 10 * _SLICE] if k.startswith(prefix)]
+            for start in range(0, len(snapshot), 10 * hotset.SLICE):
+                chunk = [
+                    k for k in snapshot[start : start + 10 * hotset.SLICE] if k.startswith(prefix)
+                ]
                 dropped += self.rows.invalidate(chunk)
                 await asyncio.sleep(0)
         finally:
@@ -408,8 +406,7 @@ class HotCache:
         filled = 0
         try:
             async with asyncio.timeout(budget_s):
-                hot = await self._pipe.execute(b"ZREVRANGE", self.hot_key, 0, limit - 1)
-                filled = await self._fill(hot)
+                filled = await self._fill(await hotset.read(self._pipe, self.hot_key, limit))
         except TimeoutError:
             log.warning("warm-up stopped after its budget of %.1f s", budget_s)
         except (RedisError, OSError, Unavailable) as exc:
@@ -423,49 +420,17 @@ class HotCache:
     async def _warm_logged(self, limit: int) -> None:
         await self.warm(limit)
 
-    async def _hot_slices(self) -> AsyncIterator[tuple[list[bytes], npt.NDArray[np.float32]]]:
-        """The cached keys with a count of at least `min_count`, and their counts, a slice
-        at a time (one C-level copy of the keys, then ~0.2 ms of work per slice, yielding
-        to requests in between). The candidates are the cache's keys: each was requested
-        before it was admitted."""
-        self.hot.drain()
-        snapshot = self.rows.snapshot()
-        for start in range(0, len(snapshot), _SLICE):
-            await asyncio.sleep(0)
-            chunk = [k for k in snapshot[start : start + _SLICE] if k[0]]  # not a marker
-            counts = self.hot.estimates(chunk)
-            hot = np.flatnonzero(counts >= self.hot.min_count)
-            yield [chunk[i] for i in hot.tolist()], counts[hot]
-
     async def hottest(self, limit: int) -> list[tuple[bytes, float]]:
         """The `limit` hottest cached keys and their decayed counts, hottest first."""
-        best: list[tuple[bytes, float]] = []
-        async for names, counts in self._hot_slices():
-            if len(names) > limit:
-                top = np.argpartition(counts, -limit)[-limit:].tolist()
-                names, counts = [names[i] for i in top], counts[top]
-            best = sorted([*best, *zip(names, counts.tolist(), strict=True)],
-                          key=lambda kv: kv[1], reverse=True)[:limit]  # fmt: skip
-        return best
+        return await hotset.hottest(self.hot, self.rows, limit)
 
     async def publish(self) -> int:
-        """Write this replica's hot keys to the fleet's hot set; returns how many.
-
-        Every cached key counted at least `min_count` is written with its decayed count
-        as score (the last replica to write a key sets it), a slice at a time; Redis does
-        the ranking: the set is trimmed to its 2 x `publish_keys` highest and expires
-        after 10 publication periods without one."""
-        written = 0
-        async for names, counts in self._hot_slices():
-            if names:
-                pairs = itertools.chain.from_iterable(zip(counts.tolist(), names, strict=True))
-                await self._pipe.execute(b"ZADD", self.hot_key, *cast(Any, pairs))
-                written += len(names)
-        if written:
-            await self._pipe.execute(b"ZREMRANGEBYRANK", self.hot_key, 0,
-                                     -(2 * self.publish_keys) - 1)  # fmt: skip
-            await self._pipe.execute(b"EXPIRE", self.hot_key, max(int(10 * self.publish_s), 60))
-        return written
+        """Write this replica's hot keys to the fleet's hot set (hotset.py), trimmed to
+        2 x `publish_keys`, expiring after 10 publication periods without one; returns
+        how many keys were written."""
+        return await hotset.publish(self._pipe, self.hot_key, self.hot, self.rows,
+                                    keep=2 * self.publish_keys,
+                                    ttl_s=max(int(10 * self.publish_s), 60))  # fmt: skip
 
     async def _publish_forever(self) -> None:
         while True:
