@@ -35,9 +35,9 @@ and warm:
   to check, the cache stops serving rather than serve rows it cannot vouch for.
 - Pre-warm: `warm` reads the fleet's hot set (the sorted set `<project>:__meta__:hot`,
   which every replica refreshes with its own hot keys every `publish_s`; hotset.py) into
-  the cache;
-  the server calls it before reporting SERVING; a "warm" event
-  (`featurestore-materialize warm`) makes every replica call it again.
+  the cache; the server calls it before reporting SERVING; a "warm" event
+  (`featurestore-materialize warm`) makes every replica call it again. After a run,
+  the rows it invalidated are read again in the background.
 
 The guarantee (README, "Freshness"): a row rewritten by materialization is not served
 from a cache once that run's event for its view reached the replica, and in any case
