@@ -775,7 +775,7 @@ class CacheStatusResponse(_message.Message):
     """row keys read from Redis since start"""
     hit_ratio: _builtins.float
     evictions: _builtins.int
-    """rows dropped for the budget or for their age"""
+    """rows dropped for the budget"""
     invalidations: _builtins.int
     """views invalidated by events, polls and reconnections"""
     lost_events: _builtins.int
