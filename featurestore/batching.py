@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 from featurestore.errors import Unavailable
+from featurestore.tasks import cancel_all
 
 __all__ = ["Batchable", "MicroBatcher"]
 
@@ -175,11 +176,7 @@ class MicroBatcher(Generic[T, P]):
     async def close(self) -> None:
         """Stop both loops; items still queued or in flight fail with Unavailable."""
         self._closed = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         self._tasks = []
         pending = list(self._queue)
         while not self._handoff.empty():

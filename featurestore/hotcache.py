@@ -51,7 +51,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -66,8 +65,9 @@ from featurestore.errors import Unavailable
 from featurestore.hotkeys import HotKeys
 from featurestore.rowcache import ABSENT, RowCache
 from featurestore.store import keys
-from featurestore.store.events import WrittenEvent, parse_event
+from featurestore.store.events import DEFAULT_WARM_KEYS, WarmEvent, WrittenEvent, parse_message
 from featurestore.store.pipe import RedisPipe
+from featurestore.tasks import cancel_all
 
 __all__ = ["CacheStatus", "HotCache"]
 
@@ -269,11 +269,10 @@ class HotCache:
     def follow(self, data: bytes | str) -> None:
         """Apply one message of the events channel: invalidate, or re-warm on "warm"."""
         self.events += 1
-        warm = _warm_limit(data)
-        if warm is not None:
-            self._spawn(self._warm_logged(warm))
+        event = parse_message(data)
+        if isinstance(event, WarmEvent):
+            self._spawn(self._warm_logged(event.limit))
             return
-        event = parse_event(data)
         rewarm: list[bytes] = []
         for view in event.views:
             rewarm += self._invalidate(view, event)
@@ -311,15 +310,12 @@ class HotCache:
         self._spawn(self._drop_view(view))
 
     async def _drop_view(self, view: str) -> None:
-        prefix = f"{self.project}:{view}:{{".encode()
         dropped: list[bytes] = []
         try:
             snapshot = self.rows.snapshot()
-            for start in range(0, len(snapshot), 10 * hotset.SLICE):
-                chunk = [
-                    k for k in snapshot[start : start + 10 * hotset.SLICE] if k.startswith(prefix)
-                ]
-                dropped += self.rows.invalidate(chunk)
+            step = 10 * hotset.SLICE  # a prefix test is cheaper than a ranking
+            for start in range(0, len(snapshot), step):
+                dropped += self.rows.invalidate_view(view, snapshot[start : start + step])
                 await asyncio.sleep(0)
         finally:
             self._dropping -= 1
@@ -398,7 +394,7 @@ class HotCache:
             filled += self.admit(batch, rows, epoch, fetched_at, admit_all=True)
         return filled
 
-    async def warm(self, limit: int = 100_000, budget_s: float = 10.0) -> int:
+    async def warm(self, limit: int = DEFAULT_WARM_KEYS, budget_s: float = 10.0) -> int:
         """Fill the cache with the rows of the fleet's `limit` hottest keys, within
         `budget_s` float seconds (what was read by then stays); returns the rows cached.
         Redis errors end the warm-up early (logged), never raise."""
@@ -457,24 +453,7 @@ class HotCache:
 
     async def close(self) -> None:
         """Stop the background tasks and close the Redis client."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         self._tasks.clear()
         await self._pipe.close()
         await self._redis.aclose()
-
-
-def _warm_limit(data: bytes | str) -> int | None:
-    """The key limit of a "warm" event, or None for any other message."""
-    try:
-        event = json.loads(data)
-    except (ValueError, TypeError):
-        return None
-    if not isinstance(event, dict) or event.get("event") != "warm":
-        return None
-    limit = event.get("limit")
-    valid = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
-    return limit if valid else 100_000

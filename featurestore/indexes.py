@@ -55,6 +55,7 @@ from featurestore.registry import Registry, ViewDef
 from featurestore.retrieval import IndexManager, read_vectors, scan_vectors
 from featurestore.store.events import MAX_EVENT_IDS, parse_event
 from featurestore.store.keys import events_channel
+from featurestore.tasks import cancel_all
 
 __all__ = ["Changes", "ViewIndexes", "diff_ids", "diff_index"]
 
@@ -371,12 +372,7 @@ class ViewIndexes:
 
     async def close(self) -> None:
         """Stop every background task and close the Redis client."""
-        tasks = [*self._tasks, *self._workers.values()]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all([*self._tasks, *self._workers.values()])
         self._tasks.clear()
         self._workers.clear()
         await self._redis.aclose()

@@ -42,6 +42,7 @@ from featurestore.inference import (
 from featurestore.lookup import Lookup
 from featurestore.matrix import InputPlan, fill_missing
 from featurestore.store.pipe import RedisPipe
+from featurestore.tasks import cancel_all
 
 __all__ = ["MAX_CANDIDATES", "MAX_ROWS", "Ranked", "Scored", "Scorer", "Timings"]
 
@@ -345,8 +346,7 @@ class Scorer:
         for _, batcher in self._batchers.values():
             await batcher.close()
         self._batchers.clear()
-        for task in self._retiring:
-            task.cancel()
+        await cancel_all(self._retiring)
         await self._pipe.close()
         self.models.close()
 

@@ -43,6 +43,7 @@ from featurestore.registry import load_registry
 from featurestore.search import search_similar
 from featurestore.store.pipe import RedisPipe
 from featurestore.store.redis import connect
+from featurestore.tasks import cancel_all
 
 __all__ = ["SERVICE_NAME", "FeatureServer", "FeatureStoreServicer", "run"]
 
@@ -252,11 +253,7 @@ class FeatureServer:
 
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, then let in-flight calls finish within `grace_s` and stop."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_all(self._tasks)
         self._tasks.clear()
         await self.health.enter_graceful_shutdown()
         if self._server is not None:

@@ -37,6 +37,7 @@ from featurestore.errors import (
     NotFound,
     Unavailable,
 )
+from featurestore.store.events import DEFAULT_WARM_KEYS
 from materialize.job import Settings, run
 
 EXIT_CODES: dict[type[FeatureStoreError], int] = {
@@ -71,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     backfill.add_argument("--end", type=_moment, required=True, help="ISO time, exclusive")
     warm = modes.add_parser("warm", parents=[after],
                             help="ask every server to re-warm its hot-key cache")  # fmt: skip
-    warm.add_argument("--limit", type=int, default=100_000, help="hot keys to read (>= 1)")
+    warm.add_argument("--limit", type=int, default=DEFAULT_WARM_KEYS,
+                      help="hot keys to read (>= 1)")  # fmt: skip
     return parser
 
 

@@ -31,7 +31,7 @@ hard) and about 20 ms of JSON parsing for the subscriber.
 
 Other kinds of event share the channel; a subscriber ignores kinds it does not know:
 
-    {"event": "warm", "limit": 10000}   every server re-reads the fleet's hot set
+    {"event": "warm", "limit": 100000}  every server re-reads the fleet's hot set
                                         (featurestore/hotcache.py; `publish_warm`)
 
 Pub/sub delivers at most once and only to connected subscribers, so an event is a hint:
@@ -55,11 +55,21 @@ from redis.exceptions import RedisError
 
 from featurestore.store.keys import events_channel, versions_key
 
-__all__ = ["MAX_EVENT_IDS", "WrittenEvent", "parse_event", "publish_warm", "publish_written"]
+__all__ = [
+    "DEFAULT_WARM_KEYS",
+    "MAX_EVENT_IDS",
+    "WarmEvent",
+    "WrittenEvent",
+    "parse_event",
+    "parse_message",
+    "publish_warm",
+    "publish_written",
+]
 
 log = logging.getLogger(__name__)
 # Most entity ids one event carries per view; a larger run is announced without them.
 MAX_EVENT_IDS = 100_000
+DEFAULT_WARM_KEYS = 100_000  # hot keys a "warm" event without a valid limit re-reads
 _INT64 = (-(2**63), 2**63 - 1)
 
 Ids = npt.NDArray[np.int64]
@@ -140,12 +150,38 @@ async def publish_warm(client: aioredis.Redis, project: str, limit: int) -> int:
     return int(await client.publish(events_channel(project), message))
 
 
+@dataclass(frozen=True, slots=True)
+class WarmEvent:
+    """A parsed "warm" event: re-read the fleet's `limit` hottest keys."""
+
+    limit: int = DEFAULT_WARM_KEYS
+
+
+def parse_message(data: bytes | str) -> WrittenEvent | WarmEvent:
+    """A message of the events channel, parsed once: a "warm" event, else what
+    `parse_event` makes of it."""
+    event = _json(data)
+    if isinstance(event, dict) and event.get("event") == "warm":
+        limit = event.get("limit")
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            return WarmEvent(limit)
+        return WarmEvent()
+    return _written(event, data)
+
+
 def parse_event(data: bytes | str) -> WrittenEvent:
     """The "written" event in `data`; one naming no view for anything else (logged)."""
+    return _written(_json(data), data)
+
+
+def _json(data: bytes | str) -> object:
     try:
-        event = json.loads(data)
+        return json.loads(data)
     except (ValueError, TypeError):
-        event = None
+        return None
+
+
+def _written(event: object, data: bytes | str) -> WrittenEvent:
     views = event.get("views") if isinstance(event, dict) else None
     if (
         not isinstance(event, dict)
