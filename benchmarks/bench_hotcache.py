@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Awaitable, Iterator
@@ -43,12 +41,11 @@ from typing import Any
 
 import numpy as np
 from bench_inference import write_models
-from bench_lookup import FEATURES, applied_repo, process, write_rows
-from harness import Stats, print_table, run_on_uvloop, write_results
+from bench_lookup import FEATURES, populated_store, process, serve_command
+from harness import Stats, print_table, run_on_uvloop, throughput, write_results
 
 from featurestore import AsyncClient
-from featurestore.embedded import EmbeddedRedis, free_port
-from featurestore.registry import load_registry
+from featurestore.embedded import free_port
 
 ZIPF_S = 1.1
 SHAPES = ("lookup 1x50", "lookup 100x50", "predict 1x100")
@@ -119,9 +116,7 @@ def rss_mib(pid: int) -> float:
 @contextmanager
 def server(repo: Path, url: str, *extra: str) -> Iterator[tuple[int, int, int]]:
     port, metrics_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "featurestore", "serve", "--repo", str(repo), "--redis", url,
-           "--host", "127.0.0.1", "--port", str(port), "--registry-refresh-s", "0",
-           "--index-refresh-s", "0", "--metrics-port", str(metrics_port), *extra]  # fmt: skip
+    cmd = serve_command(repo, url, port, "--metrics-port", str(metrics_port), *extra)
     with process(cmd, port) as proc:
         yield port, metrics_port, proc.pid
 
@@ -146,19 +141,9 @@ async def sequential(clients: dict[str, AsyncClient], shape: str, traffic: Traff
     return {mode: Stats.of(f"{shape} {mode}", np.array(s)) for mode, s in samples.items()}
 
 
-async def loaded(client: AsyncClient, shape: str, traffic: Traffic, seconds: float) -> int:
-    """Calls completed in `seconds` with 32 in flight."""
-    done = 0
-    stop_at = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        nonlocal done
-        while time.perf_counter() < stop_at:
-            await send(client, shape, traffic.request(shape))
-            done += 1
-
-    await asyncio.gather(*(worker() for _ in range(32)))
-    return done
+def caller(client: AsyncClient, shape: str, traffic: Traffic) -> Any:
+    """A call of `shape` with fresh entities each time, for harness.throughput."""
+    return lambda: send(client, shape, traffic.request(shape))
 
 
 async def measure(servers: dict[str, tuple[int, int, int]], traffic: Traffic,
@@ -173,7 +158,7 @@ async def measure(servers: dict[str, tuple[int, int, int]], traffic: Traffic,
             await client.wait_until_serving(120)
         for _ in range(max(int(args.warm_s / 15), 1)):  # the cached server: it has a state
             for shape in SHAPES:
-                await loaded(on, shape, traffic, 5.0)
+                await throughput(caller(on, shape, traffic), in_flight=32, duration_s=5.0)
         for shape in SHAPES:  # sequential first: no load has run since the warm-up
             gc.collect()
             before = scrape(mport)
@@ -185,12 +170,13 @@ async def measure(servers: dict[str, tuple[int, int, int]], traffic: Traffic,
                 out[mode][shape] = {"stats": stats[mode]}
             out["cache_on"][shape]["hit_ratio"] = hits / max(hits + misses, 1)
         for shape in SHAPES:
-            done = dict.fromkeys(clients, 0)
-            for _ in range(3):
+            rates: dict[str, list[float]] = {mode: [] for mode in clients}
+            for _ in range(3):  # alternating 2-second windows
                 for mode, client in clients.items():
-                    done[mode] += await loaded(client, shape, traffic, 2.0)
+                    call = caller(client, shape, traffic)
+                    rates[mode].append(await throughput(call, in_flight=32, duration_s=2.0))
             for mode in clients:
-                out[mode][shape]["throughput_at_32"] = done[mode] / 6.0
+                out[mode][shape]["throughput_at_32"] = sum(rates[mode]) / len(rates[mode])
     for mode, (_, metrics_port, pid) in servers.items():
         out[mode]["metrics"] = scrape(metrics_port)
         out[mode]["rss_mib"] = rss_mib(pid)
@@ -214,32 +200,19 @@ async def first_requests(port: int, pool: list[Any], count: int = 1000) -> dict[
 async def run(args: argparse.Namespace) -> None:
     traffic = Traffic(args.users, 11, args.law)
     cache = str(args.cache_mib << 20)
-    with tempfile.TemporaryDirectory(prefix="bench-hotcache-") as tmp:
-        workdir = Path(tmp)
-        repo = applied_repo(workdir)
-        write_models(repo)
-        registry = load_registry(repo)
-        with EmbeddedRedis(workdir / "redis") as redis_server:
-            url = redis_server.url
-            started = time.perf_counter()
-            await write_rows(url, registry, args.users)
-            write_s = time.perf_counter() - started
-            print(f"wrote {args.users} rows x 3 views in {write_s:.1f} s")
-            results: dict[str, Any] = {
-                "users": args.users, "law": args.law, "zipf_s": ZIPF_S, "write_s": write_s,
-                "cache_mib": args.cache_mib, "warm_s": args.warm_s,
-            }  # fmt: skip
-            publish = ("--hot-publish-s", "10")
-            with server(repo, url, "--cache-bytes", "0") as off, \
-                    server(repo, url, "--cache-bytes", cache, *publish) as on:  # fmt: skip
-                results.update(await measure({"cache_off": off, "cache_on": on}, traffic, args))
-                await asyncio.sleep(11)  # one more publication of the hot set
-            restart = [traffic.request("lookup 100x50") for _ in range(1000)]
-            with server(repo, url, "--cache-bytes", cache) as (port, mport, _):
-                results["restart_prewarm"] = await first_requests(port, restart)
-                results["restart_prewarm"]["metrics"] = scrape(mport)
-            with server(repo, url, "--cache-bytes", cache, "--warm-budget-s", "0") as (port, _, _):
-                results["restart_cold"] = await first_requests(port, restart)
+    results: dict[str, Any] = {"users": args.users, "law": args.law, "zipf_s": ZIPF_S,
+                               "cache_mib": args.cache_mib, "warm_s": args.warm_s}  # fmt: skip
+    async with populated_store("hotcache", args.users, write_models) as (repo, _, url):
+        publish = ("--hot-publish-s", "10")
+        with server(repo, url) as off, server(repo, url, "--cache-bytes", cache, *publish) as on:
+            results.update(await measure({"cache_off": off, "cache_on": on}, traffic, args))
+            await asyncio.sleep(11)  # one more publication of the hot set
+        restart = [traffic.request("lookup 100x50") for _ in range(1000)]
+        with server(repo, url, "--cache-bytes", cache) as (port, mport, _):
+            results["restart_prewarm"] = await first_requests(port, restart)
+            results["restart_prewarm"]["metrics"] = scrape(mport)
+        with server(repo, url, "--cache-bytes", cache, "--warm-budget-s", "0") as (port, _, _):
+            results["restart_cold"] = await first_requests(port, restart)
     report(results)
     print("wrote", write_results("hotcache", results))
 

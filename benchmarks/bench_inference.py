@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,14 +30,14 @@ import yaml
 from grpc import aio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lookup import FEATURES, applied_repo, process, write_rows
+from bench_lookup import FEATURES, populated_store, process, serve_command
 from harness import Stats, print_table, run_on_uvloop, write_results
 
 from featurestore import AsyncClient
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
 from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
-from featurestore.embedded import EmbeddedRedis, free_port
-from featurestore.registry import Registry, load_registry
+from featurestore.embedded import free_port
+from featurestore.registry import Registry
 from featurestore.store import keys
 from featurestore.store.layout import encode_rows
 from featurestore.store.redis import guarded_write
@@ -230,38 +229,11 @@ async def measure(args: argparse.Namespace, port: int) -> list[dict[str, Any]]:
 
 
 async def run(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
-        workdir = Path(tmp)
-        repo = applied_repo(workdir)
-        write_models(repo)
-        registry = load_registry(repo)
-        with EmbeddedRedis(workdir / "redis") as redis_server:
-            url = redis_server.url
-            await write_rows(url, registry, args.users)
-            await write_embeddings(url, registry, args.users)
-            port = free_port()
-            serve = [
-                sys.executable,
-                "-m",
-                "featurestore",
-                "serve",
-                "--repo",
-                str(repo),
-                "--redis",
-                url,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--registry-refresh-s",
-                "0",
-                "--index-refresh-s",
-                "0",
-                "--cache-bytes",  # without the hot-key cache: bench_hotcache measures it
-                "0",
-            ]
-            with process(serve, port):
-                rows = await measure(args, port)
+    async with populated_store("inference", args.users, write_models) as (repo, registry, url):
+        await write_embeddings(url, registry, args.users)
+        port = free_port()
+        with process(serve_command(repo, url, port), port):
+            rows = await measure(args, port)
     print_table(
         rows,
         [

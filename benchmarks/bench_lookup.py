@@ -20,8 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,34 @@ def process(cmd: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
         proc.wait(10)
 
 
+def serve_command(repo: Path, url: str, port: int, *extra: str) -> list[str]:
+    """`featurestore serve` on loopback for a benchmark: no registry or index refresh, and
+    no hot-key cache unless `extra` gives one (argparse takes the last value;
+    bench_hotcache measures the cache)."""
+    return [sys.executable, "-m", "featurestore", "serve", "--repo", str(repo), "--redis", url,
+            "--host", "127.0.0.1", "--port", str(port), "--registry-refresh-s", "0",
+            "--index-refresh-s", "0", "--cache-bytes", "0", *extra]  # fmt: skip
+
+
+@asynccontextmanager
+async def populated_store(name: str, users: int, prepare: Callable[[Path], None] | None = None
+                          ) -> AsyncIterator[tuple[Path, Registry, str]]:  # fmt: skip
+    """A temporary applied copy of feature_repo/ (`prepare` may change it first) and an
+    embedded Redis holding `users` rows of every view: (repo, registry, Redis URL)."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+        workdir = Path(tmp)
+        repo = applied_repo(workdir)
+        if prepare is not None:
+            prepare(repo)
+        registry = load_registry(repo)
+        with EmbeddedRedis(workdir / "redis") as redis_server:
+            started = time.perf_counter()
+            await write_rows(redis_server.url, registry, users)
+            print(f"wrote {users} rows x {len(VIEWS)} views in "
+                  f"{time.perf_counter() - started:.1f} s")  # fmt: skip
+            yield repo, registry, redis_server.url
+
+
 def entities(registry: Registry, n: int, users: int, rng: np.random.Generator) -> dict[str, Any]:
     return {"user_id": rng.integers(0, users, n), "item_id": rng.integers(0, users, n)}
 
@@ -184,27 +212,14 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def run(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory(prefix="bench-lookup-") as tmp:
-        workdir = Path(tmp)
-        repo = applied_repo(workdir)
-        registry = load_registry(repo)
-        with EmbeddedRedis(workdir / "redis") as redis_server:
-            url = redis_server.url
-            started = time.perf_counter()
-            await write_rows(url, registry, args.users)
-            print(f"wrote {args.users} rows x {len(VIEWS)} views in "
-                  f"{time.perf_counter() - started:.1f} s")  # fmt: skip
-            port, echo_port = free_port(), free_port()
-            serve = [sys.executable, "-m", "featurestore", "serve", "--repo", str(repo),
-                     "--redis", url, "--host", "127.0.0.1", "--port", str(port),
-                     "--registry-refresh-s", "0",
-                     "--cache-bytes", "0"]  # no hot-key cache: bench_hotcache's  # fmt: skip
-            echo = [sys.executable, str(Path(__file__).parent / "echo_server.py"), str(echo_port)]
-            with process(serve, port), process(echo, echo_port):
-                async with AsyncClient(f"127.0.0.1:{port}") as client:
-                    await client.wait_until_serving(60)
-                results = [await measure_size(args, registry, port, echo_port, url, n)
-                           for n in args.entities]  # fmt: skip
+    async with populated_store("lookup", args.users) as (repo, registry, url):
+        port, echo_port = free_port(), free_port()
+        echo = [sys.executable, str(Path(__file__).parent / "echo_server.py"), str(echo_port)]
+        with process(serve_command(repo, url, port), port), process(echo, echo_port):
+            async with AsyncClient(f"127.0.0.1:{port}") as client:
+                await client.wait_until_serving(60)
+            results = [await measure_size(args, registry, port, echo_port, url, n)
+                       for n in args.entities]  # fmt: skip
     rows = summarize(results)
     print_table(rows, ["name", "p50 ms", "p99 ms", "p99.9 ms"])
     for r in results:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,9 +34,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import redis.asyncio as aioredis
-from bench_lookup import applied_repo, process
+from bench_lookup import applied_repo, process, serve_command
 from bench_retrieval import clustered
-from harness import Stats, latency, print_table, run_on_uvloop, write_results
+from harness import Stats, latency, print_table, run_on_uvloop, throughput, write_results
 
 from featurestore import AsyncClient
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
@@ -72,21 +71,6 @@ async def write_vectors(client: aioredis.Redis, registry: Registry, ids: npt.NDA
 def request(queries: F32) -> pb.SearchSimilarRequest:
     return pb.SearchSimilarRequest(view=VIEW, k=K, query_vectors=queries.astype("<f4").tobytes(),
                                    query_count=queries.shape[0])  # fmt: skip
-
-
-async def rate(call: Any, in_flight: int, queries_per_call: int, duration_s: float) -> float:
-    done = 0
-    stop_at = time.perf_counter() + duration_s
-
-    async def worker() -> None:
-        nonlocal done
-        while time.perf_counter() < stop_at:
-            await call()
-            done += queries_per_call
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(in_flight)))
-    return done / (time.perf_counter() - start)
 
 
 async def measure_update(client: AsyncClient, redis: aioredis.Redis, registry: Registry,
@@ -148,11 +132,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             write_s = time.perf_counter() - started
             print(f"wrote {args.n} vectors in {write_s:.1f} s")
             port = free_port()
-            serve = [sys.executable, "-m", "featurestore", "serve", "--repo", str(repo),
-                     "--redis", redis_server.url, "--host", "127.0.0.1", "--port", str(port),
-                     "--registry-refresh-s", "0", "--index-refresh-s", "0",
-                     "--cache-bytes", "0"]  # no hot-key cache: bench_hotcache's  # fmt: skip
-            with process(serve, port):
+            with process(serve_command(repo, redis_server.url, port), port):
                 started = time.perf_counter()
                 async with AsyncClient(f"127.0.0.1:{port}", timeout_s=60) as client:
                     await client.wait_until_serving(3600)
@@ -196,9 +176,13 @@ async def measure(args: argparse.Namespace, client: AsyncClient, redis: aioredis
     }
     stub = client._stub
     batch = request(queries[:64])
+
+    def batch_call() -> Any:
+        return stub.SearchSimilar(batch)
+
     rates = {
-        "single@32_qps": await rate(lambda: search_one(), 32, 1, args.duration_s),
-        "batch64@4_qps": await rate(lambda: stub.SearchSimilar(batch), 4, 64, args.duration_s),
+        "single@32_qps": await throughput(search_one, in_flight=32, duration_s=args.duration_s),
+        "batch64@4_qps": 64 * await throughput(batch_call, in_flight=4, duration_s=args.duration_s),
     }
     update = await measure_update(client, redis, registry, ids, args.changed, with_ids=True,
                                   seed=5)  # fmt: skip
