@@ -128,11 +128,23 @@ def feature_repo(tmp_path_factory: pytest.TempPathFactory, pg_dsn: str) -> Path:
     return repo
 
 
-@pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    """A client on a flushed database; flushed again afterwards."""
+async def _flushed(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_url)
     await client.flushdb()
     yield client
     await client.flushdb()
     await client.aclose()
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client on a flushed database; flushed again after the test."""
+    async for client in _flushed(redis_url):
+        yield client
+
+
+@pytest.fixture(scope="module")
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """A client on a flushed database for a whole module; flushed again after it."""
+    async for client in _flushed(redis_url):
+        yield client

@@ -42,15 +42,6 @@ def registry(feature_repo: Path) -> Registry:
     return load_registry(feature_repo)
 
 
-@pytest.fixture(scope="module")
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    await client.flushdb()
-    yield client
-    await client.flushdb()
-    await client.aclose()
-
-
 async def write(redis: aioredis.Redis, registry: Registry, ids: npt.NDArray[np.int64],
                 rows: F32, ts_us: int | None = None) -> None:  # fmt: skip
     """Write rows in the stored format (a plain MSET: event times may go backwards)."""

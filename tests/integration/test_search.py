@@ -92,15 +92,6 @@ def repo(make_repo: Callable[[str, Mapping[str, str]], Path]) -> Path:
 
 
 @pytest.fixture(scope="module")
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    await client.flushdb()
-    yield client
-    await client.flushdb()
-    await client.aclose()
-
-
-@pytest.fixture(scope="module")
 async def server(repo: Path, redis: aioredis.Redis, redis_url: str
                  ) -> AsyncIterator[FeatureServer]:  # fmt: skip
     await write(redis, repo, "item_embedding", ITEM_IDS, ITEMS)
