@@ -81,16 +81,25 @@ def feast_env(pg: EmbeddedPostgres, rds: EmbeddedRedis) -> dict[str, str]:
 def prepare(workdir: Path, env: dict[str, str], dsn: str, args: argparse.Namespace) -> Path:
     """A copy of feature_repo/ with `feast apply` run and the demo data generated."""
     repo = workdir / "feature_repo"
-    shutil.copytree(
-        ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("data", "__pycache__")
-    )
-    subprocess.run([str(BIN / "feast"), "apply"], cwd=repo, env=env, check=True,
-                   capture_output=True)  # fmt: skip
+    shutil.copytree(ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
+    subprocess.run([str(BIN / "feast"), "apply"], cwd=repo, env=env, check=True, capture_output=True)
     subprocess.run(
-        [sys.executable, str(repo / "generate.py"), "--dsn", dsn, "--repo", str(repo),
-         "--users", str(args.users), "--items", str(args.items)],
-        env=env, check=True, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(repo / "generate.py"),
+            "--dsn",
+            dsn,
+            "--repo",
+            str(repo),
+            "--users",
+            str(args.users),
+            "--items",
+            str(args.items),
+        ],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return repo
 
 
@@ -152,12 +161,19 @@ def _count_ts(client: redis.Redis, batch: list[bytes]) -> int:
     return sum(bool(x) for x in pipe.execute())
 
 
-def materialize(repo: Path, env: dict[str, str], dsn: str, rds: EmbeddedRedis,
-                reruns: bool = True) -> dict[str, Any]:  # fmt: skip
+def materialize(repo: Path, env: dict[str, str], dsn: str, rds: EmbeddedRedis, reruns: bool = True) -> dict[str, Any]:
     """Both jobs, each twice: the load, then a run with nothing new (the fixed cost)."""
     runs = 2 if reruns else 1
-    ours_cmd = [str(BIN / "featurestore-materialize"), "--repo", str(repo), "--redis",
-                rds.url, "--dsn", dsn, "incremental"]  # fmt: skip
+    ours_cmd = [
+        str(BIN / "featurestore-materialize"),
+        "--repo",
+        str(repo),
+        "--redis",
+        rds.url,
+        "--dsn",
+        dsn,
+        "incremental",
+    ]
     ours = [run_tree(ours_cmd, env, repo) for _ in range(runs)]
     read = re.search(r"read (\d+) rows, wrote (\d+)", ours[0]["stdout"])
     assert read, ours[0]["stdout"]
@@ -173,8 +189,7 @@ def materialize(repo: Path, env: dict[str, str], dsn: str, rds: EmbeddedRedis,
         "ours_command": "featurestore-materialize incremental",
         "ours_summary": ours[0]["stdout"],
     }
-    print(f"materialized: ours {result['ours']}\n              feast {result['feast']}",
-          file=sys.stderr)  # fmt: skip
+    print(f"materialized: ours {result['ours']}\n              feast {result['feast']}", file=sys.stderr)
     return result
 
 
@@ -203,8 +218,7 @@ def _job(runs: list[dict[str, Any]], rows: int) -> dict[str, Any]:
 @contextlib.contextmanager
 def serving(cmd: list[str], env: dict[str, str], port: int, cwd: Path) -> Iterator[None]:
     """A server child process, from its port answering until it is stopped (by its pid)."""
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -244,8 +258,14 @@ def client(spec: dict[str, Any], env: dict[str, str], workdir: Path) -> dict[str
     path = workdir / f"spec-{spec['role']}-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(spec))
     print(f"-- {spec['role']}: {', '.join(c['name'] for c in spec['cases'])}", file=sys.stderr)
-    done = subprocess.run([sys.executable, str(HERE / "feast_client.py"), str(path)], env=env,
-                          stdout=subprocess.PIPE, text=True, check=True, cwd=ROOT)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(HERE / "feast_client.py"), str(path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
@@ -257,37 +277,69 @@ def cases(args: argparse.Namespace, refs: list[str]) -> list[dict[str, Any]]:
     return [
         {**base, "name": "1x50", "rows": 1, "features": refs, "views": views},
         {**base, "name": "100x50", "rows": 100, "features": refs, "views": views},
-        {**base, "name": "100x50+emb", "rows": 100, "features": [*refs, EMBEDDING],
-         "views": [*views, "item_embedding"]},
-    ]  # fmt: skip
+        {
+            **base,
+            "name": "100x50+emb",
+            "rows": 100,
+            "features": [*refs, EMBEDDING],
+            "views": [*views, "item_embedding"],
+        },
+    ]
 
 
-def lookups(args: argparse.Namespace, repo: Path, env: dict[str, str], rds: EmbeddedRedis,
-            workdir: Path) -> dict[str, Any]:  # fmt: skip
+def lookups(
+    args: argparse.Namespace, repo: Path, env: dict[str, str], rds: EmbeddedRedis, workdir: Path
+) -> dict[str, Any]:
     """Ours with its floors, Feast's SDK and server (and their variants), one at a time."""
     names = feature_names(repo)
     refs = references(names, list(ITEM_STATS_3))
     assert len(refs) == 50, len(refs)
     all_cases = cases(args, refs)
-    feast_cases = [{**c, "iterations": args.iterations if c["rows"] == 1 else args.feast_iterations}
-                   for c in all_cases]  # fmt: skip
-    common = {"in_flight": args.in_flight, "duration_s": args.duration_s,
-              "warmup": args.warmup, "iterations": args.iterations}  # fmt: skip
+    feast_cases = [{**c, "iterations": args.iterations if c["rows"] == 1 else args.feast_iterations} for c in all_cases]
+    common = {
+        "in_flight": args.in_flight,
+        "duration_s": args.duration_s,
+        "warmup": args.warmup,
+        "iterations": args.iterations,
+    }
     port, echo_port = free_port(), free_port()
-    serve = [str(BIN / "featurestore"), "serve", "--repo", str(repo), "--redis", rds.url,
-             "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers),
-             "--registry-refresh-s", "0",
-             "--cache-bytes", "0"]  # no hot-key cache: bench_hotcache's  # fmt: skip
+    serve = [
+        str(BIN / "featurestore"),
+        "serve",
+        "--repo",
+        str(repo),
+        "--redis",
+        rds.url,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(args.workers),
+        "--registry-refresh-s",
+        "0",
+        "--cache-bytes",
+        "0",
+    ]  # no hot-key cache: bench_hotcache's
     echo = [sys.executable, str(HERE / "echo_server.py"), str(echo_port)]
     out: dict[str, Any] = {"variants": {}}
     with serving(serve, env, port, ROOT), serving(echo, env, echo_port, ROOT):
-        out["grpc"] = client({**common, "role": "grpc", "cases": all_cases, "project": "recsys",
-                              "target": f"127.0.0.1:{port}", "redis_url": rds.url,
-                              "echo_target": f"127.0.0.1:{echo_port}"}, env, workdir)  # fmt: skip
+        out["grpc"] = client(
+            {
+                **common,
+                "role": "grpc",
+                "cases": all_cases,
+                "project": "recsys",
+                "target": f"127.0.0.1:{port}",
+                "redis_url": rds.url,
+                "echo_target": f"127.0.0.1:{echo_port}",
+            },
+            env,
+            workdir,
+        )
     # One SDK process for the main cases and the SDK variants: Feast imports in seconds.
     variant_cases = sdk_variants(args, refs, references(names, names["item_stats"]))
-    sdk = client({**common, "role": "sdk", "repo": str(repo),
-                  "cases": feast_cases + variant_cases}, env, workdir)  # fmt: skip
+    sdk = client({**common, "role": "sdk", "repo": str(repo), "cases": feast_cases + variant_cases}, env, workdir)
     out["sdk"] = {c["name"]: sdk[c["name"]] for c in feast_cases}
     out["variants"]["sdk"] = {c["name"]: sdk[c["name"]] for c in variant_cases}
     out["http"] = feast_http(args, repo, env, workdir, common, feast_cases, args.workers)
@@ -301,30 +353,55 @@ def lookups(args: argparse.Namespace, repo: Path, env: dict[str, str], rds: Embe
     return out
 
 
-def sdk_variants(args: argparse.Namespace, refs: list[str],
-                 service_refs: list[str]) -> list[dict[str, Any]]:  # fmt: skip
+def sdk_variants(args: argparse.Namespace, refs: list[str], service_refs: list[str]) -> list[dict[str, Any]]:
     """Feast SDK variants: feature service vs the same features listed; gc.freeze()."""
-    base = {"users": args.users, "items": args.items, "rows": 100,
-            "iterations": args.feast_iterations, "throughput": False}  # fmt: skip
+    base = {
+        "users": args.users,
+        "items": args.items,
+        "rows": 100,
+        "iterations": args.feast_iterations,
+        "throughput": False,
+    }
     return [
-        {**base, "name": "100x69 feature list", "features": service_refs,
-         "full_feature_names": True},
-        {**base, "name": "100x69 feature service", "features": [],
-         "feature_service": FEATURE_SERVICE, "full_feature_names": True},
+        {**base, "name": "100x69 feature list", "features": service_refs, "full_feature_names": True},
+        {
+            **base,
+            "name": "100x69 feature service",
+            "features": [],
+            "feature_service": FEATURE_SERVICE,
+            "full_feature_names": True,
+        },
         {**base, "name": "100x50 gc.freeze()", "features": refs, "gc_freeze": True},
-    ]  # fmt: skip
+    ]
 
 
-def feast_http(args: argparse.Namespace, repo: Path, env: dict[str, str], workdir: Path,
-               common: dict[str, Any], feast_cases: list[dict[str, Any]],
-               workers: int) -> dict[str, Any]:  # fmt: skip
+def feast_http(
+    args: argparse.Namespace,
+    repo: Path,
+    env: dict[str, str],
+    workdir: Path,
+    common: dict[str, Any],
+    feast_cases: list[dict[str, Any]],
+    workers: int,
+) -> dict[str, Any]:
     """`feast serve` with `workers` processes, measured over HTTP from a client process."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # Feast's best case: no access log, no worker recycling (its default restarts a
     # worker every ~1,000 requests, which would land in the measured calls).
-    cmd = [str(BIN / "feast"), "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", str(workers), "--no-access-log", "--max-requests", "0"]  # fmt: skip
+    cmd = [
+        str(BIN / "feast"),
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--no-access-log",
+        "--max-requests",
+        "0",
+    ]
     with serving(cmd, env, port, repo):
         wait_http(url)
         return client({**common, "role": "http", "url": url, "cases": feast_cases}, env, workdir)
@@ -336,10 +413,10 @@ def feast_http(args: argparse.Namespace, repo: Path, env: dict[str, str], workdi
 def machine() -> dict[str, Any]:
     from importlib.metadata import version
 
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()  # fmt: skip
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     return {
         "nproc": os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
@@ -362,8 +439,10 @@ def run(args: argparse.Namespace) -> Path:
         with EmbeddedPostgres(workdir / "pg") as pg, EmbeddedRedis(workdir / "redis") as rds:
             env = feast_env(pg, rds)
             repo = prepare(workdir, env, pg.dsn, args)
-            print(f"set up {args.users:,} users, {args.items:,} items in "
-                  f"{time.perf_counter() - started:.0f} s", file=sys.stderr)  # fmt: skip
+            print(
+                f"set up {args.users:,} users, {args.items:,} items in {time.perf_counter() - started:.0f} s",
+                file=sys.stderr,
+            )
             mat = materialize(repo, env, pg.dsn, rds, reruns=not args.quick)
             measured = lookups(args, repo, env, rds, workdir)
     info["load_average_at_end"] = os.getloadavg()
@@ -378,8 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--workers", type=int, default=1, help="processes of each server")
     parser.add_argument("--iterations", type=int, default=2000, help="sequential calls")
-    parser.add_argument("--feast-iterations", type=int, default=300,
-                        help="sequential calls of Feast's 100-row cases")  # fmt: skip
+    parser.add_argument("--feast-iterations", type=int, default=300, help="sequential calls of Feast's 100-row cases")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--in-flight", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--duration-s", type=float, default=2.0, help="per throughput point")
@@ -390,8 +468,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="JSON",
         help="only re-render a results JSON: ratios, targets, Markdown, plots",
     )
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny data and few calls: checks that the harness runs")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="tiny data and few calls: checks that the harness runs")
     args = parser.parse_args(argv)
     if args.report:
         results = feast_report.derive(json.loads(args.report.read_text()))

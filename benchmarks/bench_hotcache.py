@@ -125,8 +125,9 @@ def counter(metrics: dict[str, float], name: str) -> float:
     return metrics.get(f"featurestore_cache_{name}_total", 0.0)
 
 
-async def sequential(clients: dict[str, AsyncClient], shape: str, traffic: Traffic,
-                     iterations: int, block: int = 100) -> dict[str, Stats]:  # fmt: skip
+async def sequential(
+    clients: dict[str, AsyncClient], shape: str, traffic: Traffic, iterations: int, block: int = 100
+) -> dict[str, Stats]:
     """The same requests to every server, in alternating blocks; sequential latencies."""
     samples: dict[str, list[int]] = {mode: [] for mode in clients}
     order = list(clients)
@@ -146,13 +147,16 @@ def caller(client: AsyncClient, shape: str, traffic: Traffic) -> Any:
     return lambda: send(client, shape, traffic.request(shape))
 
 
-async def measure(servers: dict[str, tuple[int, int, int]], traffic: Traffic,
-                  args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+async def measure(
+    servers: dict[str, tuple[int, int, int]], traffic: Traffic, args: argparse.Namespace
+) -> dict[str, Any]:
     """Both servers side by side: warm-up, then per shape latency, hit ratio, calls/s."""
     out: dict[str, Any] = {mode: {} for mode in servers}
     mport = servers["cache_on"][1]
-    async with AsyncClient(f"127.0.0.1:{servers['cache_off'][0]}") as off, \
-            AsyncClient(f"127.0.0.1:{servers['cache_on'][0]}") as on:  # fmt: skip
+    async with (
+        AsyncClient(f"127.0.0.1:{servers['cache_off'][0]}") as off,
+        AsyncClient(f"127.0.0.1:{servers['cache_on'][0]}") as on,
+    ):
         clients = {"cache_off": off, "cache_on": on}
         for client in clients.values():
             await client.wait_until_serving(120)
@@ -200,8 +204,13 @@ async def first_requests(port: int, pool: list[Any], count: int = 1000) -> dict[
 async def run(args: argparse.Namespace) -> None:
     traffic = Traffic(args.users, 11, args.law)
     cache = str(args.cache_mib << 20)
-    results: dict[str, Any] = {"users": args.users, "law": args.law, "zipf_s": ZIPF_S,
-                               "cache_mib": args.cache_mib, "warm_s": args.warm_s}  # fmt: skip
+    results: dict[str, Any] = {
+        "users": args.users,
+        "law": args.law,
+        "zipf_s": ZIPF_S,
+        "cache_mib": args.cache_mib,
+        "warm_s": args.warm_s,
+    }
     async with populated_store("hotcache", args.users, write_models) as (repo, _, url):
         publish = ("--hot-publish-s", "10")
         with server(repo, url) as off, server(repo, url, "--cache-bytes", cache, *publish) as on:
@@ -222,31 +231,50 @@ def report(results: dict[str, Any]) -> None:
     for shape in SHAPES:
         off, on = results["cache_off"][shape], results["cache_on"][shape]
         for mode, r in (("off", off), ("on", on)):
-            rows.append({"name": f"{shape} cache {mode}",
-                         "hit ratio": r["hit_ratio"] if mode == "on" else None,
-                         "p50 ms": r["stats"].p50_ms, "p99 ms": r["stats"].p99_ms,
-                         "calls/s @32": r["throughput_at_32"]})  # fmt: skip
-        rows.append({"name": f"{shape} off/on", "p50 ms": off["stats"].p50_ms / on["stats"].p50_ms,
-                     "p99 ms": off["stats"].p99_ms / on["stats"].p99_ms,
-                     "calls/s @32": on["throughput_at_32"] / off["throughput_at_32"]})  # fmt: skip
+            rows.append(
+                {
+                    "name": f"{shape} cache {mode}",
+                    "hit ratio": r["hit_ratio"] if mode == "on" else None,
+                    "p50 ms": r["stats"].p50_ms,
+                    "p99 ms": r["stats"].p99_ms,
+                    "calls/s @32": r["throughput_at_32"],
+                }
+            )
+        rows.append(
+            {
+                "name": f"{shape} off/on",
+                "p50 ms": off["stats"].p50_ms / on["stats"].p50_ms,
+                "p99 ms": off["stats"].p99_ms / on["stats"].p99_ms,
+                "calls/s @32": on["throughput_at_32"] / off["throughput_at_32"],
+            }
+        )
     steady = results["cache_on"]["lookup 100x50"]["stats"].p99_ms
     for mode in ("restart_prewarm", "restart_cold"):
         r = results[mode]
-        rows.append({"name": f"{mode} first 1000 lookup 100x50", "p50 ms": r["first"].p50_ms,
-                     "p99 ms": r["first"].p99_ms,
-                     "calls/s @32": r["first"].p99_ms / steady})  # fmt: skip
+        rows.append(
+            {
+                "name": f"{mode} first 1000 lookup 100x50",
+                "p50 ms": r["first"].p50_ms,
+                "p99 ms": r["first"].p99_ms,
+                "calls/s @32": r["first"].p99_ms / steady,
+            }
+        )
     print_table(rows, ["name", "hit ratio", "p50 ms", "p99 ms", "calls/s @32"])
     print("(off/on rows: ratios; restart rows: last column is p99 / steady p99 with the cache)")
     for mode in ("cache_off", "cache_on"):
         m = results[mode]["metrics"]
-        print(f"{mode}: RSS {results[mode]['rss_mib']:.0f} MiB, cache"
-              f" {m.get('featurestore_cache_bytes', 0) / 2**20:.0f} MiB accounted,"
-              f" {m.get('featurestore_cache_entries', 0):.0f} entries,"
-              f" {m.get('featurestore_cache_evictions_total', 0):.0f} evicted")  # fmt: skip
+        print(
+            f"{mode}: RSS {results[mode]['rss_mib']:.0f} MiB, cache"
+            f" {m.get('featurestore_cache_bytes', 0) / 2**20:.0f} MiB accounted,"
+            f" {m.get('featurestore_cache_entries', 0):.0f} entries,"
+            f" {m.get('featurestore_cache_evictions_total', 0):.0f} evicted"
+        )
     warm = results["restart_prewarm"]
-    print(f"pre-warmed restart: SERVING after {warm['serving_after_s']:.2f} s, warm-up"
-          f" {warm['metrics'].get('featurestore_cache_warm_seconds', 0):.2f} s,"
-          f" {warm['metrics'].get('featurestore_cache_entries', 0):.0f} rows")  # fmt: skip
+    print(
+        f"pre-warmed restart: SERVING after {warm['serving_after_s']:.2f} s, warm-up"
+        f" {warm['metrics'].get('featurestore_cache_warm_seconds', 0):.2f} s,"
+        f" {warm['metrics'].get('featurestore_cache_entries', 0):.0f} rows"
+    )
 
 
 def main() -> None:
@@ -255,8 +283,12 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--warm-s", type=float, default=180.0)
     parser.add_argument("--cache-mib", type=int, default=256)
-    parser.add_argument("--law", choices=("zipf", "uniform"), default="zipf",
-                        help="uniform: traffic without hot keys (the cache's cost)")  # fmt: skip
+    parser.add_argument(
+        "--law",
+        choices=("zipf", "uniform"),
+        default="zipf",
+        help="uniform: traffic without hot keys (the cache's cost)",
+    )
     args = parser.parse_args()
     run_on_uvloop(run(args))
 

@@ -98,9 +98,7 @@ class Recorder:
             out["server p50 us"], out["server p99 us"] = float(p50), float(p99)
             for s in STAGES[:-1]:
                 v = np.array(self.stages[s])
-                out[f"{s} p50 us"], out[f"{s} p99 us"] = (
-                    float(x) for x in np.percentile(v, [50, 99])
-                )
+                out[f"{s} p50 us"], out[f"{s} p99 us"] = (float(x) for x in np.percentile(v, [50, 99]))
             fetch = np.array(self.stages["redis"]) + np.array(self.stages["decode"])
             f50, f99 = np.percentile(fetch, [50, 99])
             m50, m99 = np.percentile(np.array(self.stages["model"]), [50, 99])
@@ -158,9 +156,7 @@ async def measure(args: argparse.Namespace, port: int) -> list[dict[str, Any]]:
                         model=model,
                         return_breakdown=True,
                         entities=[
-                            pb.EntityColumn(
-                                name="user_id", int64_values=[int(rng.integers(args.users))]
-                            ),
+                            pb.EntityColumn(name="user_id", int64_values=[int(rng.integers(args.users))]),
                             pb.EntityColumn(name="item_id", int64_values=items),
                         ],
                         request_values=[pb.RequestColumn(name="hour_of_day", int64_values=[20])],
@@ -171,9 +167,7 @@ async def measure(args: argparse.Namespace, port: int) -> list[dict[str, Any]]:
 
         def rank(retrieve: bool) -> Any:
             def call() -> Any:
-                user = [
-                    pb.EntityColumn(name="user_id", int64_values=[int(rng.integers(args.users))])
-                ]
+                user = [pb.EntityColumn(name="user_id", int64_values=[int(rng.integers(args.users))])]
                 if retrieve:
                     seeds = rng.integers(0, args.users, 3).astype("<i8").tobytes()
                     return stub.Rank(
@@ -249,9 +243,7 @@ async def run(args: argparse.Namespace) -> None:
         ],
     )
     print()
-    print_table(
-        [r for r in rows if "server p50 us" in r], ["name", *[f"{s} p50 us" for s in STAGES[:-1]]]
-    )
+    print_table([r for r in rows if "server p50 us" in r], ["name", *[f"{s} p50 us" for s in STAGES[:-1]]])
     targets = check_targets(rows)
     for line in targets:
         print(line)

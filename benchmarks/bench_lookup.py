@@ -39,23 +39,24 @@ from featurestore.store.layout import encode_rows
 from featurestore.store.redis import guarded_write
 
 ROOT = Path(__file__).resolve().parent.parent
-FEATURES = ["user_profile", "user_activity", "item_stats:price", "item_stats:category",
-            "item_stats:rating_avg"]  # fmt: skip
+FEATURES = ["user_profile", "user_activity", "item_stats:price", "item_stats:category", "item_stats:rating_avg"]
 VIEWS = ("user_profile", "user_activity", "item_stats")
-ENV = {"FEATURESTORE_PG_HOST": "127.0.0.1", "FEATURESTORE_PG_PORT": "5432",
-       "FEATURESTORE_PG_DB": "postgres", "FEATURESTORE_PG_USER": "postgres",
-       "FEATURESTORE_PG_PASSWORD": "", "FEATURESTORE_FEAST_REDIS": "127.0.0.1:6379"}  # fmt: skip
+ENV = {
+    "FEATURESTORE_PG_HOST": "127.0.0.1",
+    "FEATURESTORE_PG_PORT": "5432",
+    "FEATURESTORE_PG_DB": "postgres",
+    "FEATURESTORE_PG_USER": "postgres",
+    "FEATURESTORE_PG_PASSWORD": "",
+    "FEATURESTORE_FEAST_REDIS": "127.0.0.1:6379",
+}
 
 
 def applied_repo(workdir: Path) -> Path:
     """A copy of feature_repo/ with `feast apply` run (the registry needs no database)."""
     repo = workdir / "feature_repo"
-    shutil.copytree(
-        ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("data", "__pycache__")
-    )
+    shutil.copytree(ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
     feast = Path(sys.executable).parent / "feast"
-    subprocess.run([str(feast), "apply"], cwd=repo, check=True, capture_output=True,
-                   env={**os.environ, **ENV})  # fmt: skip
+    subprocess.run([str(feast), "apply"], cwd=repo, check=True, capture_output=True, env={**os.environ, **ENV})
     return repo
 
 
@@ -79,8 +80,9 @@ async def write_rows(redis_url: str, registry: Registry, count: int, chunk: int 
     for view in VIEWS:
         for start in range(0, count, chunk):
             ids = list(range(start, min(start + chunk, count)))
-            rows = encode_rows(registry.views[view].layout, np.full(len(ids), now_us),
-                               _columns(registry, view, len(ids), rng))  # fmt: skip
+            rows = encode_rows(
+                registry.views[view].layout, np.full(len(ids), now_us), _columns(registry, view, len(ids), rng)
+            )
             row_keys = keys.row_keys(registry.project, view, keys.entity_tokens([ids]))
             await guarded_write(client, [(row_keys, rows)], 0, sha)
     await client.aclose()
@@ -111,14 +113,33 @@ def serve_command(repo: Path, url: str, port: int, *extra: str) -> list[str]:
     """`featurestore serve` on loopback for a benchmark: no registry or index refresh, and
     no hot-key cache unless `extra` gives one (argparse takes the last value;
     bench_hotcache measures the cache)."""
-    return [sys.executable, "-m", "featurestore", "serve", "--repo", str(repo), "--redis", url,
-            "--host", "127.0.0.1", "--port", str(port), "--registry-refresh-s", "0",
-            "--index-refresh-s", "0", "--cache-bytes", "0", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "featurestore",
+        "serve",
+        "--repo",
+        str(repo),
+        "--redis",
+        url,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--registry-refresh-s",
+        "0",
+        "--index-refresh-s",
+        "0",
+        "--cache-bytes",
+        "0",
+        *extra,
+    ]
 
 
 @asynccontextmanager
-async def populated_store(name: str, users: int, prepare: Callable[[Path], None] | None = None
-                          ) -> AsyncIterator[tuple[Path, Registry, str]]:  # fmt: skip
+async def populated_store(
+    name: str, users: int, prepare: Callable[[Path], None] | None = None
+) -> AsyncIterator[tuple[Path, Registry, str]]:
     """A temporary applied copy of feature_repo/ (`prepare` may change it first) and an
     embedded Redis holding `users` rows of every view: (repo, registry, Redis URL)."""
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
@@ -130,8 +151,7 @@ async def populated_store(name: str, users: int, prepare: Callable[[Path], None]
         with EmbeddedRedis(workdir / "redis") as redis_server:
             started = time.perf_counter()
             await write_rows(redis_server.url, registry, users)
-            print(f"wrote {users} rows x {len(VIEWS)} views in "
-                  f"{time.perf_counter() - started:.1f} s")  # fmt: skip
+            print(f"wrote {users} rows x {len(VIEWS)} views in {time.perf_counter() - started:.1f} s")
             yield repo, registry, redis_server.url
 
 
@@ -147,8 +167,9 @@ def mget_keys(registry: Registry, ents: dict[str, Any]) -> list[bytes]:
     return out
 
 
-async def measure_size(args: argparse.Namespace, registry: Registry, server_port: int,
-                       echo_port: int, redis_url: str, n: int) -> dict[str, Any]:  # fmt: skip
+async def measure_size(
+    args: argparse.Namespace, registry: Registry, server_port: int, echo_port: int, redis_url: str, n: int
+) -> dict[str, Any]:
     """Lookup, echo floor and MGET floor for `n` entities; sequential latencies."""
     rng = np.random.default_rng(n)
     ents = entities(registry, n, args.users, rng)
@@ -188,8 +209,7 @@ async def measure_size(args: argparse.Namespace, registry: Registry, server_port
                 rates[f"lookup@{k}"] = await throughput(lookup, in_flight=k)
                 rates[f"echo@{k}"] = await throughput(echo_call, in_flight=k)
         await redis.aclose()
-    return {"entities": n, "request_bytes": sizes[0], "response_bytes": sizes[1],
-            "stats": stats, "throughput": rates}  # fmt: skip
+    return {"entities": n, "request_bytes": sizes[0], "response_bytes": sizes[1], "stats": stats, "throughput": rates}
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -199,15 +219,23 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         floor_p50 = s["echo"].p50_ms + s["mget"].p50_ms
         floor_p99 = s["echo"].p99_ms + s["mget"].p99_ms
         for key in ("lookup", "echo", "mget"):
-            rows.append({"name": s[key].name, "p50 ms": s[key].p50_ms, "p99 ms": s[key].p99_ms,
-                         "p99.9 ms": s[key].p999_ms})  # fmt: skip
-        rows.append({"name": f"  floor {r['entities']} (echo+MGET)", "p50 ms": floor_p50,
-                     "p99 ms": floor_p99})  # fmt: skip
-        rows.append({"name": "  lookup / floor", "p50 ms": s["lookup"].p50_ms / floor_p50,
-                     "p99 ms": s["lookup"].p99_ms / floor_p99})  # fmt: skip
-        r["floor"] = {"p50_ms": floor_p50, "p99_ms": floor_p99,
-                      "ratio_p50": s["lookup"].p50_ms / floor_p50,
-                      "ratio_p99": s["lookup"].p99_ms / floor_p99}  # fmt: skip
+            rows.append(
+                {"name": s[key].name, "p50 ms": s[key].p50_ms, "p99 ms": s[key].p99_ms, "p99.9 ms": s[key].p999_ms}
+            )
+        rows.append({"name": f"  floor {r['entities']} (echo+MGET)", "p50 ms": floor_p50, "p99 ms": floor_p99})
+        rows.append(
+            {
+                "name": "  lookup / floor",
+                "p50 ms": s["lookup"].p50_ms / floor_p50,
+                "p99 ms": s["lookup"].p99_ms / floor_p99,
+            }
+        )
+        r["floor"] = {
+            "p50_ms": floor_p50,
+            "p99_ms": floor_p99,
+            "ratio_p50": s["lookup"].p50_ms / floor_p50,
+            "ratio_p99": s["lookup"].p99_ms / floor_p99,
+        }
     return rows
 
 
@@ -218,8 +246,7 @@ async def run(args: argparse.Namespace) -> None:
         with process(serve_command(repo, url, port), port), process(echo, echo_port):
             async with AsyncClient(f"127.0.0.1:{port}") as client:
                 await client.wait_until_serving(60)
-            results = [await measure_size(args, registry, port, echo_port, url, n)
-                       for n in args.entities]  # fmt: skip
+            results = [await measure_size(args, registry, port, echo_port, url, n) for n in args.entities]
     rows = summarize(results)
     print_table(rows, ["name", "p50 ms", "p99 ms", "p99.9 ms"])
     for r in results:

@@ -85,9 +85,7 @@ def pg_env(dsn: str) -> dict[str, str]:
 
 def make_repo(workdir: Path, dsn: str) -> Path:
     repo = workdir / "feature_repo"
-    shutil.copytree(
-        ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("data", "__pycache__")
-    )
+    shutil.copytree(ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
     with (repo / "features.py").open("a") as f:
         f.write(BENCH_VIEW)
     os.environ.update(pg_env(dsn))
@@ -224,8 +222,7 @@ async def measure(size: int, dsn: str, redis_url: str, repo: Path) -> dict[str, 
     redis_alone = await guarded_write_rate(redis_url, view, size)  # flushes after itself
     # First into an empty Redis (every key new), then again over the same keys: the
     # daily cron's steady state, where each write replaces a row of the same size.
-    first, rerun = (_job_with_redis_cost(client, repo, dsn, redis_url, start, end)
-                    for _ in range(2))  # fmt: skip
+    first, rerun = (_job_with_redis_cost(client, repo, dsn, redis_url, start, end) for _ in range(2))
     client.flushdb()
     client.close()
     assert first["read"] == rerun["read"] == size, (first, rerun)
@@ -256,8 +253,10 @@ def _job_with_redis_cost(
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
-    print(f"{'rows':>9} {'COPY plain':>11} {'COPY shaped':>12} {'writes alone':>13}"
-          f" {'run':>6} {'job':>10} {'ratio':>6} {'Redis script':>13} {'peak RSS':>9}")  # fmt: skip
+    print(
+        f"{'rows':>9} {'COPY plain':>11} {'COPY shaped':>12} {'writes alone':>13}"
+        f" {'run':>6} {'job':>10} {'ratio':>6} {'Redis script':>13} {'peak RSS':>9}"
+    )
     for r in results:
         for label, key in (("empty", "job_into_empty_redis"), ("rerun", "job_over_existing_keys")):
             job = r[key]

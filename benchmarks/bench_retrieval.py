@@ -24,9 +24,9 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from featurestore.indexspec import IndexConfig, gpu_count
 from featurestore.registry import JoinKey, VectorSpec, ViewDef
-from featurestore.retrieval import IndexManager
+from featurestore.retrieval.manager import IndexManager
+from featurestore.retrieval.spec import IndexConfig, gpu_count
 from featurestore.store.layout import DType, FeatureSpec, Layout
 
 DIM = 64
@@ -50,8 +50,16 @@ def clustered(n: int, seed: int, clusters: int) -> F32:
 
 def view() -> ViewDef:
     layout = Layout("item_embedding", (FeatureSpec("embedding", DType.FLOAT32_LIST, DIM),))
-    return ViewDef("item_embedding", (JoinKey("item_id", DType.INT64),), 0.0, layout, "", "",
-                   "", VectorSpec("embedding", DIM, "cosine"))  # fmt: skip
+    return ViewDef(
+        "item_embedding",
+        (JoinKey("item_id", DType.INT64),),
+        0.0,
+        layout,
+        "",
+        "",
+        "",
+        VectorSpec("embedding", DIM, "cosine"),
+    )
 
 
 def exact_top10(vectors: F32, queries: F32) -> npt.NDArray[np.int64]:
@@ -72,19 +80,18 @@ def pct(samples: list[float]) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
 
 
-async def measure(name: str, config: IndexConfig, ids: Any, vectors: F32, queries: F32,
-                  truth: Any, args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+async def measure(
+    name: str, config: IndexConfig, ids: Any, vectors: F32, queries: F32, truth: Any, args: argparse.Namespace
+) -> dict[str, Any]:
     manager = IndexManager("bench", view(), config)
     stats = await manager.build(ids, vectors)
     index = manager.index
     assert index is not None
     prepared = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-    result: dict[str, Any] = {"index": name, "kind": stats.kind, "device": stats.device,
-                              "build_s": stats.build_s}  # fmt: skip
+    result: dict[str, Any] = {"index": name, "kind": stats.kind, "device": stats.device, "build_s": stats.build_s}
     result["memory_mb"] = faiss.serialize_index(index.cpu).nbytes / 2**20
     found = index.search(prepared, 10).ids
-    result["recall_at_10"] = float(np.mean([len(set(f) & set(t)) / 10 for f, t in
-                                            zip(found, ids[truth], strict=True)]))  # fmt: skip
+    result["recall_at_10"] = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, ids[truth], strict=True)]))
     lat = []
     for i in range(args.iters):
         t = time.perf_counter()
@@ -107,8 +114,7 @@ async def measure(name: str, config: IndexConfig, ids: Any, vectors: F32, querie
     return result
 
 
-async def concurrent(manager: IndexManager, queries: F32, args: argparse.Namespace
-                     ) -> dict[str, Any]:  # fmt: skip
+async def concurrent(manager: IndexManager, queries: F32, args: argparse.Namespace) -> dict[str, Any]:
     """`args.callers` coroutines each sending single queries back to back for a while."""
     lat: list[float] = []
     calls_before, stop = manager.faiss_calls, time.perf_counter() + args.seconds
@@ -125,14 +131,15 @@ async def concurrent(manager: IndexManager, queries: F32, args: argparse.Namespa
     await asyncio.gather(*(caller(c) for c in range(args.callers)))
     elapsed = time.perf_counter() - t0
     calls = manager.faiss_calls - calls_before
-    return {"callers": args.callers, "qps": len(lat) / elapsed, **pct(lat),
-            "mean_batch": len(lat) / max(calls, 1)}  # fmt: skip
+    return {"callers": args.callers, "qps": len(lat) / elapsed, **pct(lat), "mean_batch": len(lat) / max(calls, 1)}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'index':<10}{'build s':>9}{'MB':>8}{'recall':>8}{'1q p50':>8}{'1q p99':>8}"
-            f"{'mgr p50':>8}{'mgr p99':>8}{'b64 qps':>9}{'conc qps':>9}{'c p50':>7}{'c p99':>7}"
-            f"{'batch':>6}")  # fmt: skip
+    head = (
+        f"{'index':<10}{'build s':>9}{'MB':>8}{'recall':>8}{'1q p50':>8}{'1q p99':>8}"
+        f"{'mgr p50':>8}{'mgr p99':>8}{'b64 qps':>9}{'conc qps':>9}{'c p50':>7}{'c p99':>7}"
+        f"{'batch':>6}"
+    )
     lines = [head]
     for r in rows:
         c = r["concurrent"]
@@ -165,9 +172,12 @@ async def main() -> None:
     variants = [(k, d) for d in devices for k in args.only.split(",")]
     rows = []
     for kind, device in variants:
-        config = IndexConfig(exact_max=args.n + 1 if kind == "flat" else 1,
-                             approximate="ivf" if kind == "ivf" else "hnsw",
-                             device=device, omp_threads=args.threads)  # fmt: skip
+        config = IndexConfig(
+            exact_max=args.n + 1 if kind == "flat" else 1,
+            approximate="ivf" if kind == "ivf" else "hnsw",
+            device=device,
+            omp_threads=args.threads,
+        )
         row = await measure(f"{kind}-{device}", config, ids, vectors, queries, truth, args)
         print(table([row]).splitlines()[1], flush=True)
         rows.append(row)
@@ -175,9 +185,17 @@ async def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS / f"retrieval_n{args.n}_{stamp}.json"
-    meta = {"n": args.n, "dim": DIM, "threads": args.threads, "callers": args.callers,
-            "faiss": faiss.__version__, "cpus": os.cpu_count(), "gpus": gpu_count(),
-            "machine": platform.platform(), "date": stamp}  # fmt: skip
+    meta = {
+        "n": args.n,
+        "dim": DIM,
+        "threads": args.threads,
+        "callers": args.callers,
+        "faiss": faiss.__version__,
+        "cpus": os.cpu_count(),
+        "gpus": gpu_count(),
+        "machine": platform.platform(),
+        "date": stamp,
+    }
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     print(f"wrote {out}")
 

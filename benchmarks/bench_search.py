@@ -41,9 +41,9 @@ from harness import Stats, latency, print_table, run_on_uvloop, throughput, writ
 from featurestore import AsyncClient
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
 from featurestore.embedded import EmbeddedRedis, free_port
-from featurestore.embedding_index import EmbeddingIndex
-from featurestore.indexspec import IndexConfig
 from featurestore.registry import Registry, load_registry
+from featurestore.retrieval.index import EmbeddingIndex
+from featurestore.retrieval.spec import IndexConfig
 from featurestore.store import keys
 from featurestore.store.events import publish_written
 from featurestore.store.layout import encode_rows
@@ -53,29 +53,37 @@ VIEW, DIM, K, CLUSTERS = "item_embedding", 64, 10, 1000
 F32 = npt.NDArray[np.float32]
 
 
-async def write_vectors(client: aioredis.Redis, registry: Registry, ids: npt.NDArray[np.int64],
-                        vectors: F32, chunk: int = 10_000) -> None:  # fmt: skip
+async def write_vectors(
+    client: aioredis.Redis, registry: Registry, ids: npt.NDArray[np.int64], vectors: F32, chunk: int = 10_000
+) -> None:
     """Rows of item_embedding in pipelined guarded writes, as materialization writes them."""
     layout = registry.views[VIEW].layout
     now_us = int(time.time() * 1e6)
     sha: list[str] = []
     for start in range(0, ids.shape[0], chunk):
         part = ids[start : start + chunk]
-        rows = encode_rows(layout, np.full(part.shape[0], now_us),
-                           {"embedding": vectors[start : start + chunk]})  # fmt: skip
+        rows = encode_rows(layout, np.full(part.shape[0], now_us), {"embedding": vectors[start : start + chunk]})
         row_keys = keys.row_keys(registry.project, VIEW, keys.entity_tokens([part.tolist()]))
         batches = [(row_keys[i : i + 1000], rows[i : i + 1000]) for i in range(0, len(rows), 1000)]
         await guarded_write(client, batches, 0, sha)
 
 
 def request(queries: F32) -> pb.SearchSimilarRequest:
-    return pb.SearchSimilarRequest(view=VIEW, k=K, query_vectors=queries.astype("<f4").tobytes(),
-                                   query_count=queries.shape[0])  # fmt: skip
+    return pb.SearchSimilarRequest(
+        view=VIEW, k=K, query_vectors=queries.astype("<f4").tobytes(), query_count=queries.shape[0]
+    )
 
 
-async def measure_update(client: AsyncClient, redis: aioredis.Redis, registry: Registry,
-                         ids: npt.NDArray[np.int64], n_changed: int, *, with_ids: bool,
-                         seed: int) -> dict[str, Any]:  # fmt: skip
+async def measure_update(
+    client: AsyncClient,
+    redis: aioredis.Redis,
+    registry: Registry,
+    ids: npt.NDArray[np.int64],
+    n_changed: int,
+    *,
+    with_ids: bool,
+    seed: int,
+) -> dict[str, Any]:
     """Change `n_changed` items under a search load; time until the new generation answers.
 
     With `with_ids` the event lists the changed ids, as the materializer sends them."""
@@ -100,11 +108,9 @@ async def measure_update(client: AsyncClient, redis: aioredis.Redis, registry: R
     await asyncio.sleep(0.5)
     changed = np.random.default_rng(seed).choice(ids, n_changed, replace=False)
     t_write = time.perf_counter()
-    await write_vectors(redis, registry, changed, clustered(n_changed, seed=seed + 1000,
-                                                            clusters=CLUSTERS))  # fmt: skip
+    await write_vectors(redis, registry, changed, clustered(n_changed, seed=seed + 1000, clusters=CLUSTERS))
     t_publish = time.perf_counter()
-    await publish_written(redis, registry.project, [VIEW],
-                          ids={VIEW: changed} if with_ids else None)  # fmt: skip
+    await publish_written(redis, registry.project, [VIEW], ids={VIEW: changed} if with_ids else None)
     # Polled through the server on purpose: what counts is a caller seeing the new index.
     while (await stub.SearchSimilar(probe)).index_generation <= before:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
@@ -112,10 +118,14 @@ async def measure_update(client: AsyncClient, redis: aioredis.Redis, registry: R
     await asyncio.sleep(0.5)
     stop.set()
     await asyncio.gather(*loaders)
-    return {"changed": n_changed, "write_s": t_publish - t_write,
-            "publish_to_visible_s": t_visible - t_publish,
-            "write_start_to_visible_s": t_visible - t_write,
-            "searches_ok": counts["ok"], "searches_failed": counts["failed"]}  # fmt: skip
+    return {
+        "changed": n_changed,
+        "write_s": t_publish - t_write,
+        "publish_to_visible_s": t_visible - t_publish,
+        "write_start_to_visible_s": t_visible - t_write,
+        "searches_ok": counts["ok"],
+        "searches_failed": counts["failed"],
+    }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -144,16 +154,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-async def measure(args: argparse.Namespace, client: AsyncClient, redis: aioredis.Redis,
-                  registry: Registry, vectors: F32, ids: npt.NDArray[np.int64]
-                  ) -> dict[str, Any]:  # fmt: skip
+async def measure(
+    args: argparse.Namespace,
+    client: AsyncClient,
+    redis: aioredis.Redis,
+    registry: Registry,
+    vectors: F32,
+    ids: npt.NDArray[np.int64],
+) -> dict[str, Any]:
     queries = clustered(1000, seed=2, clusters=CLUSTERS)
     config = IndexConfig(device="cpu")
     started = time.perf_counter()
     local = EmbeddingIndex.build(ids, vectors, "cosine", config)
-    print(
-        f"in-process {local.kind} index for the FAISS floor: {time.perf_counter() - started:.1f} s"
-    )
+    print(f"in-process {local.kind} index for the FAISS floor: {time.perf_counter() - started:.1f} s")
     normalised = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
     it = iter(range(10**9))
 
@@ -184,35 +197,33 @@ async def measure(args: argparse.Namespace, client: AsyncClient, redis: aioredis
         "single@32_qps": await throughput(search_one, in_flight=32, duration_s=args.duration_s),
         "batch64@4_qps": 64 * await throughput(batch_call, in_flight=4, duration_s=args.duration_s),
     }
-    update = await measure_update(client, redis, registry, ids, args.changed, with_ids=True,
-                                  seed=5)  # fmt: skip
-    full = await measure_update(client, redis, registry, ids, args.changed, with_ids=False,
-                                seed=6)  # fmt: skip
-    return {"stats": stats, "throughput": rates, "update": update, "update_full_reread": full,
-            "index_kind": local.kind}  # fmt: skip
+    update = await measure_update(client, redis, registry, ids, args.changed, with_ids=True, seed=5)
+    full = await measure_update(client, redis, registry, ids, args.changed, with_ids=False, seed=6)
+    return {"stats": stats, "throughput": rates, "update": update, "update_full_reread": full, "index_kind": local.kind}
 
 
 def report(out: dict[str, Any]) -> None:
     s: dict[str, Stats] = out["stats"]
     floor_p50 = s["faiss"].p50_ms + s["lookup"].p50_ms
     floor_p99 = s["faiss"].p99_ms + s["lookup"].p99_ms
-    rows = [{"name": v.name, "p50 ms": v.p50_ms, "p99 ms": v.p99_ms, "p99.9 ms": v.p999_ms}
-            for v in s.values()]  # fmt: skip
+    rows = [{"name": v.name, "p50 ms": v.p50_ms, "p99 ms": v.p99_ms, "p99.9 ms": v.p999_ms} for v in s.values()]
     rows.append({"name": "  floor (faiss + lookup)", "p50 ms": floor_p50, "p99 ms": floor_p99})
-    rows.append({"name": "  search / floor", "p50 ms": s["search"].p50_ms / floor_p50,
-                 "p99 ms": s["search"].p99_ms / floor_p99})  # fmt: skip
+    rows.append(
+        {"name": "  search / floor", "p50 ms": s["search"].p50_ms / floor_p50, "p99 ms": s["search"].p99_ms / floor_p99}
+    )
     out["floor"] = {"p50_ms": floor_p50, "p99_ms": floor_p99}
-    print(f"\nn={out['n']} x {DIM}, index {out['index_kind']}; SERVING "
-          f"{out['start_to_serving_s']:.1f} s after start")  # fmt: skip
+    print(f"\nn={out['n']} x {DIM}, index {out['index_kind']}; SERVING {out['start_to_serving_s']:.1f} s after start")
     print_table(rows, ["name", "p50 ms", "p99 ms", "p99.9 ms"])
     for name, value in out["throughput"].items():
         print(f"throughput {name}: {value:,.0f} queries/s (target >= 2,000)")
     for key, how in (("update", "with ids"), ("update_full_reread", "without ids")):
         u = out[key]
-        print(f"update of {u['changed']} items announced {how}: writes {u['write_s']:.2f} s; "
-              f"announced -> new generation answering {u['publish_to_visible_s']:.2f} s (target"
-              f" <= 5 s); first write -> visible {u['write_start_to_visible_s']:.2f} s; searches"
-              f" during it {u['searches_ok']} ok, {u['searches_failed']} failed")  # fmt: skip
+        print(
+            f"update of {u['changed']} items announced {how}: writes {u['write_s']:.2f} s; "
+            f"announced -> new generation answering {u['publish_to_visible_s']:.2f} s (target"
+            f" <= 5 s); first write -> visible {u['write_start_to_visible_s']:.2f} s; searches"
+            f" during it {u['searches_ok']} ok, {u['searches_failed']} failed"
+        )
 
 
 def main() -> None:

@@ -31,9 +31,7 @@ async def serve(port: int) -> None:
             reply = replies[size] = bytes(size)
         return reply
 
-    handler = grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
-    )
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
     options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
     server = aio.server(options=options)
     server.add_generic_rpc_handlers((handler,))

@@ -38,8 +38,10 @@ def entities(case: Spec) -> dict[str, list[int]]:
     """The entity rows of a case: the same ids for every system (seeded by the case)."""
     rng = np.random.default_rng(case["rows"])
     n = case["rows"]
-    return {"user_id": rng.integers(1, case["users"] + 1, n).tolist(),
-            "item_id": rng.integers(1, case["items"] + 1, n).tolist()}  # fmt: skip
+    return {
+        "user_id": rng.integers(1, case["users"] + 1, n).tolist(),
+        "item_id": rng.integers(1, case["items"] + 1, n).tolist(),
+    }
 
 
 def _stats(stats: Stats) -> dict[str, Any]:
@@ -136,8 +138,11 @@ async def run_sdk(spec: Spec) -> dict[str, Any]:
         features: Any = case["features"]
         if case.get("feature_service"):
             features = store.get_feature_service(case["feature_service"])
-        kwargs = {"features": features, "entity_rows": entities(case),
-                  "full_feature_names": case.get("full_feature_names", False)}  # fmt: skip
+        kwargs = {
+            "features": features,
+            "entity_rows": entities(case),
+            "full_feature_names": case.get("full_feature_names", False),
+        }
 
         async def call(kwargs: Any = kwargs) -> Any:
             return store.get_online_features(**kwargs).to_dict()
@@ -148,8 +153,7 @@ async def run_sdk(spec: Spec) -> dict[str, Any]:
         if case.get("gc_freeze"):
             await latency("warm", call, iterations=1, warmup=spec["warmup"] // 5)
             gc.freeze()
-        result = await measure(f"feast sdk {case['name']}", call, spec,
-                               {**case, "throughput": False})  # fmt: skip
+        result = await measure(f"feast sdk {case['name']}", call, spec, {**case, "throughput": False})
         if case.get("gc_freeze"):
             gc.unfreeze()
         result["throughput"] = await _rates(call_async, spec, case)
@@ -192,8 +196,7 @@ async def run_http(spec: Spec) -> dict[str, Any]:
         async def call_threaded(post: Callable[[], Any] = post) -> Any:
             return await asyncio.to_thread(post)
 
-        result = await measure(f"feast http {case['name']}", call, spec,
-                               {**case, "throughput": False})  # fmt: skip
+        result = await measure(f"feast http {case['name']}", call, spec, {**case, "throughput": False})
         result["throughput"] = await _rates(call_threaded, spec, case)
         results[case["name"]] = {"feast": result}
     session.close()

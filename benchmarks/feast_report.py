@@ -17,8 +17,12 @@ from pathlib import Path
 from typing import Any
 
 CASES = ("1x50", "100x50", "100x50+emb")
-SYSTEMS = {"ours": "ours (gRPC)", "feast_sdk": "Feast SDK", "feast_server": "Feast server",
-           "floor": "floor (echo + MGET)"}  # fmt: skip
+SYSTEMS = {
+    "ours": "ours (gRPC)",
+    "feast_sdk": "Feast SDK",
+    "feast_server": "Feast server",
+    "floor": "floor (echo + MGET)",
+}
 PERCENTILES = (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9"))
 
 
@@ -63,9 +67,7 @@ def _ratios(lookup: dict[str, Any]) -> dict[str, Any]:
             }
         for key, label in PERCENTILES:
             row[f"ours_over_floor_{label}"] = ours["latency"][key] / r["floor"]["latency"][key]
-        row["ours_over_floor_calls_per_s"] = {
-            k: ours["throughput"][k] / v for k, v in r["floor"]["throughput"].items()
-        }
+        row["ours_over_floor_calls_per_s"] = {k: ours["throughput"][k] / v for k, v in r["floor"]["throughput"].items()}
         out[case] = row
     return out
 
@@ -86,18 +88,22 @@ def _targets(ratios: dict[str, Any], mat: dict[str, Any]) -> list[dict[str, Any]
         _target("1x50 p50: Feast server / ours >= 4", r1["feast_server_over_ours_p50"], 4),
     ]
     if at32 is not None:
-        targets.append(_target("100x50 calls/s at 32 in flight: ours / Feast server >= 30",
-                               at32, 30))  # fmt: skip
+        targets.append(_target("100x50 calls/s at 32 in flight: ours / Feast server >= 30", at32, 30))
     ours, feast = mat["ours"], mat["feast"]
-    targets.append(_target("materialize rows/s, wall time: ours / Feast >= 40",
-                           ours["rows_per_s"] / feast["rows_per_s"], 40))  # fmt: skip
+    targets.append(
+        _target("materialize rows/s, wall time: ours / Feast >= 40", ours["rows_per_s"] / feast["rows_per_s"], 40)
+    )
     net = "rows_per_s_net_of_fixed_cost"
     if ours[net] and feast[net]:
-        targets.append(_target("materialize rows/s net of the no-op rerun: ours / Feast >= 40",
-                               ours[net] / feast[net], 40))  # fmt: skip
+        targets.append(
+            _target("materialize rows/s net of the no-op rerun: ours / Feast >= 40", ours[net] / feast[net], 40)
+        )
     if ours.get("rows_per_s_in_job") and feast[net]:
-        targets.append(_target("materialize rows/s, ours in-job / Feast net of no-op >= 40",
-                               ours["rows_per_s_in_job"] / feast[net], 40))  # fmt: skip
+        targets.append(
+            _target(
+                "materialize rows/s, ours in-job / Feast net of no-op >= 40", ours["rows_per_s_in_job"] / feast[net], 40
+            )
+        )
     memory = ours["peak_rss_mb"] / feast["peak_rss_mb"]
     targets.append(_target("materialize peak RSS: ours / Feast <= 0.1", memory, 0.1, False))
     for case in CASES:
@@ -122,8 +128,9 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
-def assemble(args: argparse.Namespace, machine: dict[str, Any], mat: dict[str, Any],
-             measured: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def assemble(
+    args: argparse.Namespace, machine: dict[str, Any], mat: dict[str, Any], measured: dict[str, Any]
+) -> dict[str, Any]:
     """One results dict: context, config, materialization, lookups, ratios, targets."""
     return derive(
         {
@@ -220,27 +227,64 @@ def markdown(results: dict[str, Any], json_name: str, plots: list[str]) -> str:
         rates = [f"{r:.1f}x" if r is not None else "-" for r in at32]
         floor = [f"{x['ours_over_floor_p50']:.2f}", f"{x['ours_over_floor_p99']:.2f}"]
         rows.append([case, *latency, *rates, *floor])
-    lines += _table(["lookup", "SDK/ours p50", "SDK/ours p99", "server/ours p50",
-                     "server/ours p99", "ours/SDK calls/s @32", "ours/server calls/s @32",
-                     "ours/floor p50", "ours/floor p99"], rows)  # fmt: skip
+    lines += _table(
+        [
+            "lookup",
+            "SDK/ours p50",
+            "SDK/ours p99",
+            "server/ours p50",
+            "server/ours p99",
+            "ours/SDK calls/s @32",
+            "ours/server calls/s @32",
+            "ours/floor p50",
+            "ours/floor p99",
+        ],
+        rows,
+    )
     lines += ["", "## Materialization", ""]
     rows = []
-    for key, label in (("feast", "Feast `feast materialize-incremental`"),
-                       ("ours", "ours `featurestore-materialize incremental`")):  # fmt: skip
+    for key, label in (
+        ("feast", "Feast `feast materialize-incremental`"),
+        ("ours", "ours `featurestore-materialize incremental`"),
+    ):
         j = results["materialize"][key]
-        rows.append([label, f"{j['rows']:,}", _n(j["wall_s"]), _n(j["rows_per_s"]),
-                     _n(j["noop_rerun_wall_s"]), _n(j["rows_per_s_net_of_fixed_cost"]),
-                     _n(j.get("rows_per_s_in_job")), _n(j["peak_rss_mb"])])  # fmt: skip
-    lines += _table(["job", "rows", "wall s", "rows/s (wall)", "no-op rerun s",
-                     "rows/s net of no-op", "rows/s in job", "peak RSS MB"], rows)  # fmt: skip
-    lines += ["", "rows/s net of no-op: rows / (wall of the load - wall of a rerun that finds",
-              "nothing new); '-' when that difference is under 10% of the wall time (noise).",
-              "rows/s in job: our job's own summary line (after imports and registry loading);",
-              "Feast prints no such figure."]  # fmt: skip
+        rows.append(
+            [
+                label,
+                f"{j['rows']:,}",
+                _n(j["wall_s"]),
+                _n(j["rows_per_s"]),
+                _n(j["noop_rerun_wall_s"]),
+                _n(j["rows_per_s_net_of_fixed_cost"]),
+                _n(j.get("rows_per_s_in_job")),
+                _n(j["peak_rss_mb"]),
+            ]
+        )
+    lines += _table(
+        [
+            "job",
+            "rows",
+            "wall s",
+            "rows/s (wall)",
+            "no-op rerun s",
+            "rows/s net of no-op",
+            "rows/s in job",
+            "peak RSS MB",
+        ],
+        rows,
+    )
+    lines += [
+        "",
+        "rows/s net of no-op: rows / (wall of the load - wall of a rerun that finds",
+        "nothing new); '-' when that difference is under 10% of the wall time (noise).",
+        "rows/s in job: our job's own summary line (after imports and registry loading);",
+        "Feast prints no such figure.",
+    ]
     lines += ["", "## Targets", ""]
-    lines += _table(["target", "measured", "met"],
-                    [[t["target"], f"{t['measured']:.2f}", "yes" if t["met"] else "**no**"]
-                     for t in results["targets"]])  # fmt: skip
+    lines += _table(
+        ["target", "measured", "met"],
+        [[t["target"], f"{t['measured']:.2f}", "yes" if t["met"] else "**no**"] for t in results["targets"]],
+    )
     lines += ["", "## Feast variants tried", "", *_variants(results)]
     lines += ["", *(f"![{p}]({p})" for p in plots), ""]
     return "\n".join(lines)
@@ -253,13 +297,16 @@ def _variants(results: dict[str, Any]) -> list[str]:
         lat = r["feast"]["latency"]
         rows.append([f"SDK {name}", *(_n(lat[p]) for p, _ in PERCENTILES), ""])
     base = results["lookup"]["100x50"]["feast_sdk"]["latency"]
-    rows.append(["SDK 100x50 (baseline, collector untouched)",
-                 *(_n(base[p]) for p, _ in PERCENTILES), ""])  # fmt: skip
+    rows.append(["SDK 100x50 (baseline, collector untouched)", *(_n(base[p]) for p, _ in PERCENTILES), ""])
     workers = v["http_workers"]["workers"]
     for case in ("1x50", "100x50"):
-        for label, r in ((f"server {workers} workers", v["http_workers"][case]["feast"]),
-                         (f"server {results['config']['server_workers']} worker(s), baseline",
-                          results["lookup"][case]["feast_server"])):  # fmt: skip
+        for label, r in (
+            (f"server {workers} workers", v["http_workers"][case]["feast"]),
+            (
+                f"server {results['config']['server_workers']} worker(s), baseline",
+                results["lookup"][case]["feast_server"],
+            ),
+        ):
             lat, tp = r["latency"], r["throughput"]
             rates = ", ".join(f"{k}: {_n(x)}" for k, x in tp.items())
             rows.append([f"{label} {case}", *(_n(lat[p]) for p, _ in PERCENTILES), rates])

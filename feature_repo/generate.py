@@ -38,12 +38,19 @@ from featurestore.store.layout import DType, FeatureSpec
 __all__ = ["GenerateOptions", "generate", "main", "pg_type"]
 
 _PG_TYPES = {
-    DType.INT32: "integer", DType.INT64: "bigint", DType.FLOAT32: "real",
-    DType.FLOAT64: "double precision", DType.BOOL: "boolean", DType.STRING: "text",
-    DType.BYTES: "bytea", DType.UNIX_TIMESTAMP: "timestamptz", DType.INT32_LIST: "integer[]",
-    DType.INT64_LIST: "bigint[]", DType.FLOAT32_LIST: "real[]",
+    DType.INT32: "integer",
+    DType.INT64: "bigint",
+    DType.FLOAT32: "real",
+    DType.FLOAT64: "double precision",
+    DType.BOOL: "boolean",
+    DType.STRING: "text",
+    DType.BYTES: "bytea",
+    DType.UNIX_TIMESTAMP: "timestamptz",
+    DType.INT32_LIST: "integer[]",
+    DType.INT64_LIST: "bigint[]",
+    DType.FLOAT32_LIST: "real[]",
     DType.FLOAT64_LIST: "double precision[]",
-}  # fmt: skip
+}
 
 # Small vocabularies, so string features look like categories, not noise.
 _VOCABULARIES = {
@@ -135,9 +142,7 @@ async def generate(
         await conn.close()
 
 
-async def _fill_view(
-    conn: asyncpg.Connection, view: ViewDef, options: GenerateOptions, now: datetime
-) -> int:
+async def _fill_view(conn: asyncpg.Connection, view: ViewDef, options: GenerateOptions, now: datetime) -> int:
     if "(" in view.table or not view.table:
         raise ValueError(f"view {view.name!r} reads a query, not a table: {view.table!r}")
     table = quote_ident(view.table)
@@ -147,9 +152,7 @@ async def _fill_view(
     columns = _column_names(view)
     written = 0
     for records in _chunks(view, options, now):
-        await conn.copy_records_to_table(
-            name, schema_name=schema or None, records=records, columns=columns
-        )
+        await conn.copy_records_to_table(name, schema_name=schema or None, records=records, columns=columns)
         written += len(records)
     keys = ", ".join(quote_ident(k.name) for k in view.join_keys)
     ts = quote_ident(view.timestamp_field)
@@ -256,9 +259,7 @@ def _centres(view: ViewDef, options: GenerateOptions) -> dict[str, npt.NDArray[n
     return out
 
 
-def _feature_values(
-    spec: FeatureSpec, n: int, rng: np.random.Generator, centres: dict[str, Any]
-) -> list[Any]:
+def _feature_values(spec: FeatureSpec, n: int, rng: np.random.Generator, centres: dict[str, Any]) -> list[Any]:
     """N plausible values for a feature, chosen by its type and name."""
     name = spec.name
     if spec.dtype.is_list:
@@ -332,9 +333,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The command line: generate, print rows per view, return the exit code."""
     args = _parse(argv)
     options = GenerateOptions(
-        users=args.users, items=args.items, versions=args.versions,
-        null_fraction=args.null_fraction, seed=args.seed,
-    )  # fmt: skip
+        users=args.users,
+        items=args.items,
+        versions=args.versions,
+        null_fraction=args.null_fraction,
+        seed=args.seed,
+    )
     try:
         registry = load_registry(args.repo)
         views = [v for v in args.views.split(",") if v] or None

@@ -30,7 +30,7 @@ import asyncpg
 import numpy as np
 import numpy.typing as npt
 
-from featurestore.inference import InputColumn, ModelSpec, parse_models
+from featurestore.inference.models import InputColumn, ModelSpec, parse_models
 from featurestore.registry import Registry, load_registry
 
 HERE = Path(__file__).resolve().parent
@@ -96,9 +96,7 @@ def build(
     return matrix
 
 
-def click_labels(
-    spec: ModelSpec, m: npt.NDArray[np.float32], rng: np.random.Generator
-) -> npt.NDArray[np.int64]:
+def click_labels(spec: ModelSpec, m: npt.NDArray[np.float32], rng: np.random.Generator) -> npt.NDArray[np.int64]:
     """Synthetic clicks, plausibly driven by the features (and 0.6 logits of noise)."""
     col = {c.ref: j for j, c in enumerate(spec.columns)}
 

@@ -53,7 +53,7 @@ class Settings:
             index; at and above, `index_approximate`.
         index_approximate: "hnsw" or "ivf".
         cache_bytes: the hot-key row cache's budget in bytes (0: no cache); see
-            featurestore/hotcache.py. On by default (256 MiB, plus a 16 MiB sketch):
+            featurestore/cache/hotcache.py. On by default (256 MiB, plus a 16 MiB sketch):
             under Zipf traffic it serves ~90% of rows from memory (bench_hotcache).
         cache_max_staleness_s: the longest a row rewritten by materialization is served
             from the cache after the run announced it, should the announcement be lost
@@ -89,8 +89,7 @@ class Settings:
         scheme = urlsplit(self.redis_url).scheme
         if scheme not in ("redis", "rediss", "unix"):
             raise ConfigError(
-                f"redis url {redact_url(self.redis_url)!r} must start with redis://,"
-                " rediss:// or unix://"
+                f"redis url {redact_url(self.redis_url)!r} must start with redis://, rediss:// or unix://"
             )
         _check_range("port", self.port, 0, 65535)
         _check_range("metrics_port", self.metrics_port, 0, 65535)
@@ -100,13 +99,18 @@ class Settings:
             raise ConfigError("workers > 1 share one port: give an explicit --port, not 0")
         _check_range("index_exact_max", self.index_exact_max, 1, 2**62)
         if self.index_approximate not in ("hnsw", "ivf"):
-            raise ConfigError(
-                f"index_approximate must be hnsw or ivf, not {self.index_approximate!r}"
-            )
+            raise ConfigError(f"index_approximate must be hnsw or ivf, not {self.index_approximate!r}")
         _check_range("cache_bytes", self.cache_bytes, 0, 2**62)
-        for name in ("registry_refresh_s", "redis_timeout_s", "grace_s", "index_refresh_s",
-                     "cache_max_staleness_s", "cache_max_age_s", "hot_publish_s",
-                     "warm_budget_s"):  # fmt: skip
+        for name in (
+            "registry_refresh_s",
+            "redis_timeout_s",
+            "grace_s",
+            "index_refresh_s",
+            "cache_max_staleness_s",
+            "cache_max_age_s",
+            "hot_publish_s",
+            "warm_budget_s",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 seconds, not {getattr(self, name)}")
         if self.cache_bytes and not (self.cache_max_staleness_s and self.cache_max_age_s):

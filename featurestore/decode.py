@@ -62,11 +62,27 @@ class RequestPlan:
     """
 
     __slots__ = (
-        "columns", "fixed", "groups", "has_ttl", "header_dtype", "header_width",
-        "join_keys", "key_types", "max_var", "min_len", "nvar_mask", "prefix_sizes",
-        "schema_ids", "status_bits", "status_views", "ttl_us", "var", "var_j", "var_v",
+        "columns",
+        "fixed",
+        "groups",
+        "has_ttl",
+        "header_dtype",
+        "header_width",
+        "join_keys",
+        "key_types",
+        "max_var",
+        "min_len",
+        "nvar_mask",
+        "prefix_sizes",
+        "schema_ids",
+        "status_bits",
+        "status_views",
+        "ttl_us",
+        "var",
+        "var_j",
+        "var_v",
         "view_names",
-    )  # fmt: skip
+    )
 
     def __init__(self, selections: Sequence[Selection], full_names: bool) -> None:
         views = [s.view for s in selections]
@@ -155,8 +171,7 @@ def _columns(selections: Sequence[Selection], full_names: bool) -> tuple[Column,
     clashes = sorted(name for name, count in seen.items() if count > 1)
     if clashes:
         raise InvalidArgument(
-            f"features {clashes} come from more than one view: set full_feature_names to"
-            " name columns 'view__feature'"
+            f"features {clashes} come from more than one view: set full_feature_names to name columns 'view__feature'"
         )
     return tuple(columns)
 
@@ -210,12 +225,14 @@ def decode(plan: RequestPlan, rows: list[bytes | None], n: int, now_us: int) -> 
 
 
 def _header_dtype(width: int) -> np.dtype[Any]:
-    return np.dtype({
-        "names": ["version", "schema_id", "event_ts_us", "bitmap"],
-        "formats": ["u1", "<u4", "<i8", ("u1", (width - HEADER_SIZE,))],
-        "offsets": [0, 4, 8, HEADER_SIZE],
-        "itemsize": width,
-    })  # fmt: skip
+    return np.dtype(
+        {
+            "names": ["version", "schema_id", "event_ts_us", "bitmap"],
+            "formats": ["u1", "<u4", "<i8", ("u1", (width - HEADER_SIZE,))],
+            "offsets": [0, 4, 8, HEADER_SIZE],
+            "itemsize": width,
+        }
+    )
 
 
 def _gather_rows(
@@ -251,8 +268,7 @@ def _found(plan: RequestPlan, header: npt.NDArray[Any], n: int) -> npt.NDArray[n
     return found  # type: ignore[no-any-return]
 
 
-def _join(plan: RequestPlan, rows: list[bytes | None]
-          ) -> tuple[bytes, npt.NDArray[np.intp], npt.NDArray[Any]]:  # fmt: skip
+def _join(plan: RequestPlan, rows: list[bytes | None]) -> tuple[bytes, npt.NDArray[np.intp], npt.NDArray[Any]]:
     count = len(rows)
     lengths = np.fromiter(map(len, rows), dtype=np.intp, count=count)  # type: ignore[arg-type]
     starts = np.zeros(count, dtype=np.intp)
@@ -271,8 +287,7 @@ def _items(blob: bytes, width: int) -> npt.NDArray[np.void]:
     Gathering whole values through this view costs one index per value instead of one
     per byte: the reason the decode is fast.
     """
-    return np.ndarray((len(blob) - width + 1,), dtype=np.dtype((np.void, width)), buffer=blob,
-                      strides=(1,))  # fmt: skip
+    return np.ndarray((len(blob) - width + 1,), dtype=np.dtype((np.void, width)), buffer=blob, strides=(1,))
 
 
 def _replace(plan: RequestPlan, rows: list[bytes | None], indices: list[int], n: int) -> None:
@@ -280,8 +295,14 @@ def _replace(plan: RequestPlan, rows: list[bytes | None], indices: list[int], n:
         rows[i] = bytes(plan.min_len[i // n])
 
 
-def _statuses(plan: RequestPlan, header: npt.NDArray[Any], found: npt.NDArray[np.bool_],
-              ts: npt.NDArray[np.int64], n: int, now_us: int) -> list[bytes]:  # fmt: skip
+def _statuses(
+    plan: RequestPlan,
+    header: npt.NDArray[Any],
+    found: npt.NDArray[np.bool_],
+    ts: npt.NDArray[np.int64],
+    n: int,
+    now_us: int,
+) -> list[bytes]:
     """One status byte per row per column, in column order."""
     row_status = np.where(found, PRESENT, NOT_FOUND).astype(np.uint8)
     expired = found & plan.has_ttl[:, None] & (ts < (now_us - plan.ttl_us)[:, None])
@@ -296,13 +317,13 @@ def _statuses(plan: RequestPlan, header: npt.NDArray[Any], found: npt.NDArray[np
 
 def _gather_fixed(plan: RequestPlan, blob: bytes, row_starts: npt.NDArray[np.intp]) -> bytes:
     """Every fixed-width value of every view, one gather per value width: column after column."""
-    parts = [_items(blob, width)[row_starts[views] + offsets].tobytes()
-             for width, views, offsets in plan.groups]  # fmt: skip
+    parts = [_items(blob, width)[row_starts[views] + offsets].tobytes() for width, views, offsets in plan.groups]
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _gather_var(plan: RequestPlan, blob: bytes, row_starts: npt.NDArray[np.intp],
-                n: int) -> tuple[dict[int, bytes], dict[int, bytes]]:  # fmt: skip
+def _gather_var(
+    plan: RequestPlan, blob: bytes, row_starts: npt.NDArray[np.intp], n: int
+) -> tuple[dict[int, bytes], dict[int, bytes]]:
     """Variable-width values: their lengths walked column by column, vectorised over rows."""
     if not plan.var:
         return {}, {}
@@ -322,8 +343,7 @@ def _gather_var(plan: RequestPlan, blob: bytes, row_starts: npt.NDArray[np.intp]
     flat_lengths = sel_lengths.ravel()
     total = int(offsets[:, -1].sum())
     ends = np.cumsum(flat_lengths)
-    index = np.arange(total, dtype=np.intp) + np.repeat(sel_starts.ravel() - ends + flat_lengths,
-                                                         flat_lengths)  # fmt: skip
+    index = np.arange(total, dtype=np.intp) + np.repeat(sel_starts.ravel() - ends + flat_lengths, flat_lengths)
     data = np.frombuffer(blob, dtype=np.uint8)[index].tobytes()
     offsets_blob = offsets.tobytes()
     bounds = [0, *np.cumsum(offsets[:, -1]).tolist()]

@@ -65,9 +65,7 @@ class _Server:
         self.start()
         return self
 
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
     def start(self) -> None:
@@ -119,14 +117,21 @@ class EmbeddedRedis(_Server):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
             _redis_binary(),
-            "--port", str(self.port),
-            "--bind", self.host,
-            "--dir", str(self.data_dir),
-            "--save", "",
-            "--appendonly", "no",
-            "--protected-mode", "no",
-            "--logfile", str(self.data_dir / "redis.log"),
-        ]  # fmt: skip
+            "--port",
+            str(self.port),
+            "--bind",
+            self.host,
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--logfile",
+            str(self.data_dir / "redis.log"),
+        ]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for_port(self.host, self.port, self._proc, timeout_s=15)
 
@@ -162,10 +167,7 @@ def _unprivileged_user() -> pwd.struct_passwd | None:
 
 def _others_can_enter(folder: Path) -> bool:
     """True when a user other than the owner can traverse to `folder` (o+x all the way)."""
-    for part in (folder, *folder.parents):
-        if part.exists() and not part.stat().st_mode & stat.S_IXOTH:
-            return False
-    return True
+    return all(not part.exists() or part.stat().st_mode & stat.S_IXOTH != 0 for part in (folder, *folder.parents))
 
 
 def _shared_place(data_dir: Path) -> Path:
@@ -217,10 +219,21 @@ class EmbeddedPostgres(_Server):
         if self._owner is not None:
             os.chown(self.data_dir, self._owner.pw_uid, self._owner.pw_gid)
         subprocess.run(
-            [str(self._bin / "initdb"), "-D", str(pgdata), "-U", self.user,
-             "--auth=trust", "--encoding=UTF8", "--no-instructions"],
-            check=True, capture_output=True, cwd="/", **self._run_as_owner(),  # type: ignore[call-overload]
-        )  # fmt: skip
+            [
+                str(self._bin / "initdb"),
+                "-D",
+                str(pgdata),
+                "-U",
+                self.user,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-instructions",
+            ],
+            check=True,
+            capture_output=True,
+            cwd="/",
+            **self._run_as_owner(),  # type: ignore[call-overload]
+        )
 
     def start(self) -> None:
         self._initdb()

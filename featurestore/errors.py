@@ -6,6 +6,8 @@
     ├── Unavailable                   UNAVAILABLE       (Redis or PostgreSQL unreachable)
     ├── DeadlineExceeded              DEADLINE_EXCEEDED (the caller's deadline passed)
     ├── ConfigError                   FAILED_PRECONDITION (bad settings, missing registry)
+    ├── MissingFeature                FAILED_PRECONDITION (a required model input is absent)
+    ├── ModelError                    INTERNAL          (the model raised while scoring)
     └── LockHeld                      ABORTED           (another materialization runs)
 
 Library errors are translated at the boundary (`raise NotFound(...) from exc`), so upper
@@ -22,6 +24,8 @@ __all__ = [
     "FeatureStoreError",
     "InvalidArgument",
     "LockHeld",
+    "MissingFeature",
+    "ModelError",
     "NotFound",
     "Unavailable",
 ]
@@ -55,3 +59,13 @@ class ConfigError(FeatureStoreError):
 
 class LockHeld(FeatureStoreError):
     status = grpc.StatusCode.ABORTED
+
+
+class MissingFeature(FeatureStoreError):
+    """A `required` model input is missing, null or stale for an entity."""
+
+    status = grpc.StatusCode.FAILED_PRECONDITION  # the data, not the request, is wrong
+
+
+class ModelError(FeatureStoreError):
+    """The model raised while scoring (INTERNAL, with ONNX Runtime's message)."""

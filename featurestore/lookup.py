@@ -8,7 +8,7 @@ Serving a request is
     plan (cached) -> validate entities -> keys for every view -> ONE MGET -> decode
 
 where the plan and the decode live in featurestore/decode.py. With a hot cache
-(featurestore/hotcache.py) the cached rows of fresh hot keys are taken first and the MGET
+(featurestore/cache/hotcache.py) the cached rows of fresh hot keys are taken first and the MGET
 asks only for the misses (none: no round trip); the decode is the same. Predict and Rank
 read their rows through `read_rows` too, so they share the cache.
 """
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -26,18 +26,28 @@ import numpy.typing as npt
 from featurestore.config import MAX_ROWS_LIMIT
 from featurestore.decode import LookupResult, RequestPlan, decode
 from featurestore.errors import DeadlineExceeded, InvalidArgument
-from featurestore.hotcache import HotCache
 from featurestore.registry import Registry
 from featurestore.store import keys
 from featurestore.store.layout import DType
 from featurestore.store.pipe import RedisPipe
 from featurestore.store.redis import read_rows
 
-__all__ = ["Entities", "Lookup"]
+__all__ = ["Entities", "Fetch", "Lookup", "RowSource"]
 
 _PLAN_CACHE_SIZE = 512
 
 Entities = Mapping[str, Sequence[int] | Sequence[str] | npt.NDArray[Any]]
+Fetch = Callable[[list[bytes]], Awaitable[list[bytes | None]]]
+
+
+class RowSource(Protocol):
+    """Where rows may come from before Redis: the hot-key cache (featurestore.cache)
+    implements it; the lookup never imports the cache."""
+
+    async def read(self, row_keys: list[bytes], fetch: Fetch) -> list[bytes | None]:
+        """The packed row of each key (None: absent), calling `fetch` at most once for
+        the keys it does not hold."""
+        ...
 
 
 class Lookup:
@@ -52,8 +62,9 @@ class Lookup:
 
     __slots__ = ("_cache", "_max_rows", "_plans", "_redis", "_registry")
 
-    def __init__(self, redis: RedisPipe, registry: Registry, *, max_rows: int = MAX_ROWS_LIMIT,
-                 cache: HotCache | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, redis: RedisPipe, registry: Registry, *, max_rows: int = MAX_ROWS_LIMIT, cache: RowSource | None = None
+    ) -> None:
         self._redis = redis
         self._cache = cache
         self._registry = registry
@@ -130,8 +141,9 @@ class Lookup:
         result.timings_s = (t1 - t0, t2 - t1, time.perf_counter() - t2)
         return result
 
-    async def read_rows(self, row_keys: list[bytes], timeout_s: float | None = None,
-                        pipe: RedisPipe | None = None) -> list[bytes | None]:  # fmt: skip
+    async def read_rows(
+        self, row_keys: list[bytes], timeout_s: float | None = None, pipe: RedisPipe | None = None
+    ) -> list[bytes | None]:
         """The packed row of each key (None where absent): from the hot cache where it
         holds them, the rest in one MGET on `pipe` (default: this lookup's)."""
         redis = self._redis if pipe is None else pipe
@@ -140,8 +152,7 @@ class Lookup:
         return await self._cache.read(row_keys, lambda wanted: _read(redis, wanted, timeout_s))
 
 
-async def _read(pipe: RedisPipe, row_keys: list[bytes], timeout_s: float | None
-                ) -> list[bytes | None]:  # fmt: skip
+async def _read(pipe: RedisPipe, row_keys: list[bytes], timeout_s: float | None) -> list[bytes | None]:
     if timeout_s is None:
         return await read_rows(pipe, row_keys)
     if timeout_s <= 0:
@@ -155,8 +166,7 @@ async def _read(pipe: RedisPipe, row_keys: list[bytes], timeout_s: float | None
         ) from exc
 
 
-def _check_entities(plan: RequestPlan, entities: Entities, max_rows: int
-                    ) -> tuple[dict[str, Sequence[Any]], int]:  # fmt: skip
+def _check_entities(plan: RequestPlan, entities: Entities, max_rows: int) -> tuple[dict[str, Sequence[Any]], int]:
     """Validate the entity columns against the plan; return them as sequences and n."""
     if not entities:
         raise InvalidArgument("no entity columns: send one column per join key, e.g. user_id")
@@ -166,9 +176,7 @@ def _check_entities(plan: RequestPlan, entities: Entities, max_rows: int
     if any(size != n for size in sizes.values()):
         raise InvalidArgument(f"entity columns have unequal lengths: {sizes}")
     if n == 0:
-        raise InvalidArgument(
-            f"empty batch: the entity columns hold no rows (send 1 to {max_rows})"
-        )
+        raise InvalidArgument(f"empty batch: the entity columns hold no rows (send 1 to {max_rows})")
     if n > max_rows:
         raise InvalidArgument(f"batch of {n} entity rows exceeds the limit of {max_rows}: split it")
     needed = {k for names in plan.join_keys for k in names}
@@ -182,8 +190,7 @@ def _check_entities(plan: RequestPlan, entities: Entities, max_rows: int
     extra = sorted(set(columns) - needed)
     if extra:
         raise InvalidArgument(
-            f"entity columns {extra} are not join keys of any requested view"
-            f" (expected {sorted(needed)})"
+            f"entity columns {extra} are not join keys of any requested view (expected {sorted(needed)})"
         )
     return columns, n
 
@@ -192,14 +199,11 @@ def _tokens(plan: RequestPlan, names: Sequence[str], columns: list[Sequence[Any]
     for name, column in zip(names, columns, strict=True):
         first = column[0]
         if isinstance(first, bool) or not isinstance(first, int | str):
-            raise InvalidArgument(
-                f"join key {name!r} must hold int64 or string values, not {type(first).__name__}"
-            )
+            raise InvalidArgument(f"join key {name!r} must hold int64 or string values, not {type(first).__name__}")
         got = DType.STRING if isinstance(first, str) else DType.INT64
         if got is not plan.key_types[name]:
             raise InvalidArgument(
-                f"join key {name!r} is {plan.key_types[name].value}, but its entity column"
-                f" holds {got.value} values"
+                f"join key {name!r} is {plan.key_types[name].value}, but its entity column holds {got.value} values"
             )
     try:
         return keys.entity_tokens(columns)

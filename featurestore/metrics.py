@@ -58,21 +58,37 @@ __all__ = [
 
 # Sub-millisecond resolution: the whole call budget is a few milliseconds.
 _BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075,
-    0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-)  # fmt: skip
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
 
 REQUEST_SECONDS = Histogram(
-    "featurestore_request_seconds", "Latency of gRPC calls, in seconds.", ["method"],
+    "featurestore_request_seconds",
+    "Latency of gRPC calls, in seconds.",
+    ["method"],
     buckets=_BUCKETS,
-)  # fmt: skip
-STAGE_SECONDS = Histogram(
-    "featurestore_stage_seconds", "Time spent per lookup stage, in seconds.", ["stage"],
-    buckets=_BUCKETS,
-)  # fmt: skip
-REQUESTS = Counter(
-    "featurestore_requests", "gRPC calls by method and status code.", ["method", "code"]
 )
+STAGE_SECONDS = Histogram(
+    "featurestore_stage_seconds",
+    "Time spent per lookup stage, in seconds.",
+    ["stage"],
+    buckets=_BUCKETS,
+)
+REQUESTS = Counter("featurestore_requests", "gRPC calls by method and status code.", ["method", "code"])
 
 STAGE_PLAN = STAGE_SECONDS.labels("plan")
 STAGE_REDIS = STAGE_SECONDS.labels("redis")
@@ -80,13 +96,13 @@ STAGE_DECODE = STAGE_SECONDS.labels("decode")
 STAGE_RESPONSE = STAGE_SECONDS.labels("response")
 
 INFERENCE_STAGE_SECONDS = Histogram(
-    "featurestore_inference_stage_seconds", "Time per Predict/Rank stage, in seconds.",
-    ["stage"], buckets=_BUCKETS,
-)  # fmt: skip
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-INFERENCE_BATCH_ROWS = Histogram(
-    "featurestore_inference_batch_rows", "Rows per model batch.", buckets=_BATCH_BUCKETS
+    "featurestore_inference_stage_seconds",
+    "Time per Predict/Rank stage, in seconds.",
+    ["stage"],
+    buckets=_BUCKETS,
 )
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+INFERENCE_BATCH_ROWS = Histogram("featurestore_inference_batch_rows", "Rows per model batch.", buckets=_BATCH_BUCKETS)
 INFERENCE_BATCH_REQUESTS = Histogram(
     "featurestore_inference_batch_requests", "Calls per model batch.", buckets=_BATCH_BUCKETS
 )
@@ -104,16 +120,10 @@ CACHE_MISSES = Counter("featurestore_cache_misses", "Row keys read from Redis, c
 CACHE_BYTES = Gauge("featurestore_cache_bytes", "Accounted size of the hot cache, bytes.")
 CACHE_ENTRIES = Gauge("featurestore_cache_entries", "Rows in the hot cache.")
 CACHE_SERVING = Gauge("featurestore_cache_serving", "1 while the hot cache's lease is valid.")
-CACHE_LOST_EVENTS = Counter(
-    "featurestore_cache_lost_events", "Unannounced writes found by the version poll."
-)
+CACHE_LOST_EVENTS = Counter("featurestore_cache_lost_events", "Unannounced writes found by the version poll.")
 CACHE_EVICTIONS = Counter("featurestore_cache_evictions", "Hot cache entries evicted.")
-CACHE_INVALIDATIONS = Counter(
-    "featurestore_cache_invalidations", "Hot cache invalidations (per view of an event)."
-)
-CACHE_WARM_SECONDS = Gauge(
-    "featurestore_cache_warm_seconds", "Duration of the last hot cache warm-up, seconds."
-)
+CACHE_INVALIDATIONS = Counter("featurestore_cache_invalidations", "Hot cache invalidations (per view of an event).")
+CACHE_WARM_SECONDS = Gauge("featurestore_cache_warm_seconds", "Duration of the last hot cache warm-up, seconds.")
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0") -> None:

@@ -32,12 +32,19 @@ __all__ = ["JoinKey", "Registry", "Selection", "VectorSpec", "ViewDef", "load_re
 log = logging.getLogger(__name__)
 
 _DTYPES = {
-    "INT32": DType.INT32, "INT64": DType.INT64, "FLOAT": DType.FLOAT32,
-    "DOUBLE": DType.FLOAT64, "BOOL": DType.BOOL, "STRING": DType.STRING,
-    "BYTES": DType.BYTES, "UNIX_TIMESTAMP": DType.UNIX_TIMESTAMP,
-    "INT32_LIST": DType.INT32_LIST, "INT64_LIST": DType.INT64_LIST,
-    "FLOAT_LIST": DType.FLOAT32_LIST, "DOUBLE_LIST": DType.FLOAT64_LIST,
-}  # fmt: skip
+    "INT32": DType.INT32,
+    "INT64": DType.INT64,
+    "FLOAT": DType.FLOAT32,
+    "DOUBLE": DType.FLOAT64,
+    "BOOL": DType.BOOL,
+    "STRING": DType.STRING,
+    "BYTES": DType.BYTES,
+    "UNIX_TIMESTAMP": DType.UNIX_TIMESTAMP,
+    "INT32_LIST": DType.INT32_LIST,
+    "INT64_LIST": DType.INT64_LIST,
+    "FLOAT_LIST": DType.FLOAT32_LIST,
+    "DOUBLE_LIST": DType.FLOAT64_LIST,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +115,7 @@ class Registry:
     def _expand(self, ref: str) -> list[tuple[str, tuple[str, ...]]]:
         if not ref or ref.count(":") > 1 or ref.startswith(":") or ref.endswith(":"):
             raise InvalidArgument(
-                f"malformed feature reference {ref!r}: use 'view:feature', 'view' or a"
-                " feature service name"
+                f"malformed feature reference {ref!r}: use 'view:feature', 'view' or a feature service name"
             )
         if ":" in ref:
             view_name, feature = ref.split(":")
@@ -220,19 +226,19 @@ def _write_compiled(path: Path, registry: Registry, digest: str) -> None:
 def _registry_to_dict(registry: Registry) -> dict[str, Any]:
     views = [
         {
-            "name": v.name, "ttl_s": v.ttl_s, "table": v.table,
-            "timestamp_field": v.timestamp_field, "created_field": v.created_field,
+            "name": v.name,
+            "ttl_s": v.ttl_s,
+            "table": v.table,
+            "timestamp_field": v.timestamp_field,
+            "created_field": v.created_field,
             "join_keys": [[k.name, k.dtype.value] for k in v.join_keys],
             "features": [[f.name, f.dtype.value, f.length] for f in v.layout.features],
-            "vector": None if v.vector is None
-            else [v.vector.feature, v.vector.dim, v.vector.metric],
+            "vector": None if v.vector is None else [v.vector.feature, v.vector.dim, v.vector.metric],
         }
         for v in registry.views.values()
-    ]  # fmt: skip
-    services = {name: [[view, list(fs)] for view, fs in parts]
-                for name, parts in registry.services.items()}  # fmt: skip
-    return {"project": registry.project, "fingerprint": registry.fingerprint,
-            "views": views, "services": services}  # fmt: skip
+    ]
+    services = {name: [[view, list(fs)] for view, fs in parts] for name, parts in registry.services.items()}
+    return {"project": registry.project, "fingerprint": registry.fingerprint, "views": views, "services": services}
 
 
 def _registry_from_dict(data: Mapping[str, Any]) -> Registry:
@@ -250,16 +256,13 @@ def _registry_from_dict(data: Mapping[str, Any]) -> Registry:
             created_field=v["created_field"],
             vector=None if vector is None else VectorSpec(vector[0], int(vector[1]), vector[2]),
         )
-    services = {
-        name: tuple((view, tuple(fs)) for view, fs in parts)
-        for name, parts in data["services"].items()
-    }
-    return Registry(str(data["project"]), MappingProxyType(views), MappingProxyType(services),
-                    str(data["fingerprint"]))  # fmt: skip
+    services = {name: tuple((view, tuple(fs)) for view, fs in parts) for name, parts in data["services"].items()}
+    return Registry(str(data["project"]), MappingProxyType(views), MappingProxyType(services), str(data["fingerprint"]))
 
 
-def compile_registry(project: str, views: Sequence[Any], entities: Mapping[str, Any],
-                     services: Sequence[Any]) -> Registry:  # fmt: skip
+def compile_registry(
+    project: str, views: Sequence[Any], entities: Mapping[str, Any], services: Sequence[Any]
+) -> Registry:
     """Compile Feast objects (FeatureView, Entity, FeatureService) into a Registry."""
     compiled = {fv.name: _compile_view(fv, entities) for fv in views}
     svc: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {}
@@ -270,9 +273,15 @@ def compile_registry(project: str, views: Sequence[Any], entities: Mapping[str, 
                 raise ConfigError(f"service {service.name!r} uses unknown view {proj.name!r}")
             parts.append((proj.name, tuple(f.name for f in proj.features)))
         svc[service.name] = tuple(parts)
-    digest = hashlib.sha256(repr((project, sorted(
-        (v.name, v.join_keys, v.ttl_s, v.layout.schema_id, v.table) for v in compiled.values()
-    ), sorted(svc.items()))).encode()).hexdigest()[:16]  # fmt: skip
+    digest = hashlib.sha256(
+        repr(
+            (
+                project,
+                sorted((v.name, v.join_keys, v.ttl_s, v.layout.schema_id, v.table) for v in compiled.values()),
+                sorted(svc.items()),
+            )
+        ).encode()
+    ).hexdigest()[:16]
     return Registry(project, MappingProxyType(compiled), MappingProxyType(svc), digest)
 
 
@@ -289,8 +298,7 @@ def _compile_view(fv: Any, entities: Mapping[str, Any]) -> ViewDef:
         dtype = _dtype(column.name, column.dtype.to_value_type())
         if dtype not in (DType.INT64, DType.INT32, DType.STRING):
             raise ConfigError(f"view {fv.name!r}: join key {column.name!r} must be int or string")
-        join_keys.append(JoinKey(column.name, DType.STRING if dtype is DType.STRING
-                                 else DType.INT64))  # fmt: skip
+        join_keys.append(JoinKey(column.name, DType.STRING if dtype is DType.STRING else DType.INT64))
     specs, vector = [], None
     for f in fv.features:
         dtype = _dtype(f.name, f.dtype.to_value_type())
@@ -298,8 +306,7 @@ def _compile_view(fv: Any, entities: Mapping[str, Any]) -> ViewDef:
         specs.append(FeatureSpec(f.name, dtype, length))
         if getattr(f, "vector_index", False) and length and vector is None:
             metric = (getattr(f, "vector_search_metric", None) or "cosine").lower()
-            metric = {"ip": "inner_product", "dot": "inner_product",
-                      "euclidean": "l2"}.get(metric, metric)  # fmt: skip
+            metric = {"ip": "inner_product", "dot": "inner_product", "euclidean": "l2"}.get(metric, metric)
             vector = VectorSpec(f.name, length, metric)
     source = fv.batch_source
     table = source.get_table_query_string() if hasattr(source, "get_table_query_string") else ""

@@ -6,7 +6,7 @@
 
 `warm` writes nothing: it publishes a "warm" event on the project's events channel, and
 every running server re-reads the fleet's hot set (`<project>:__meta__:hot`) into its
-hot-key cache (featurestore/hotcache.py); servers without a cache ignore it.
+hot-key cache (featurestore/cache/hotcache.py); servers without a cache ignore it.
 
 Prints one summary line on stdout on success. On failure it prints one line on stderr
 (no traceback unless -v) and exits with a code the scheduler can branch on:
@@ -41,8 +41,12 @@ from featurestore.store.events import DEFAULT_WARM_KEYS
 from materialize.job import Settings, run
 
 EXIT_CODES: dict[type[FeatureStoreError], int] = {
-    InvalidArgument: 2, NotFound: 2, ConfigError: 3, Unavailable: 4, LockHeld: 5,
-}  # fmt: skip
+    InvalidArgument: 2,
+    NotFound: 2,
+    ConfigError: 3,
+    Unavailable: 4,
+    LockHeld: 5,
+}
 
 
 def _moment(text: str) -> datetime:
@@ -64,16 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     # default to SUPPRESS so that an option given before the mode is not overwritten.
     after = argparse.ArgumentParser(add_help=False)
     _options(after, defaults=False)
-    modes.add_parser("incremental", parents=[after],
-                     help="each view from its watermark up to now")  # fmt: skip
-    backfill = modes.add_parser("backfill", parents=[after],
-                                help="a given window; watermarks stay")  # fmt: skip
+    modes.add_parser("incremental", parents=[after], help="each view from its watermark up to now")
+    backfill = modes.add_parser("backfill", parents=[after], help="a given window; watermarks stay")
     backfill.add_argument("--start", type=_moment, required=True, help="ISO time, inclusive")
     backfill.add_argument("--end", type=_moment, required=True, help="ISO time, exclusive")
-    warm = modes.add_parser("warm", parents=[after],
-                            help="ask every server to re-warm its hot-key cache")  # fmt: skip
-    warm.add_argument("--limit", type=int, default=DEFAULT_WARM_KEYS,
-                      help="hot keys to read (>= 1)")  # fmt: skip
+    warm = modes.add_parser("warm", parents=[after], help="ask every server to re-warm its hot-key cache")
+    warm.add_argument("--limit", type=int, default=DEFAULT_WARM_KEYS, help="hot keys to read (>= 1)")
     return parser
 
 
@@ -102,20 +102,24 @@ def _options(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
 
     redis_url = os.environ.get("FEATURESTORE_REDIS_URL", "redis://127.0.0.1:6379/0")
     parser.add_argument("-v", "--verbose", action="count", default=default(0))
-    parser.add_argument("--repo", type=Path, default=default(Path("feature_repo")),
-                        help="Feast repo (default: feature_repo)")  # fmt: skip
-    parser.add_argument("--redis", default=default(redis_url),
-                        help="Redis URL (default: $FEATURESTORE_REDIS_URL or local)")  # fmt: skip
-    parser.add_argument("--dsn", default=default(None),
-                        help="PostgreSQL DSN (default: the repo's offline_store)")  # fmt: skip
-    parser.add_argument("--views", default=default(""),
-                        help="comma-separated views (default: all)")  # fmt: skip
-    parser.add_argument("--batch-rows", type=int, default=default(1000),
-                        help="rows per script call")  # fmt: skip
-    parser.add_argument("--expiry-grace-s", type=float, default=default(86_400.0),
-                        help="Redis keeps rows this long past their view's TTL")  # fmt: skip
-    parser.add_argument("--lock-ttl-s", type=float, default=default(30.0),
-                        help="how long the run lock outlives a run that died")  # fmt: skip
+    parser.add_argument(
+        "--repo", type=Path, default=default(Path("feature_repo")), help="Feast repo (default: feature_repo)"
+    )
+    parser.add_argument(
+        "--redis", default=default(redis_url), help="Redis URL (default: $FEATURESTORE_REDIS_URL or local)"
+    )
+    parser.add_argument("--dsn", default=default(None), help="PostgreSQL DSN (default: the repo's offline_store)")
+    parser.add_argument("--views", default=default(""), help="comma-separated views (default: all)")
+    parser.add_argument("--batch-rows", type=int, default=default(1000), help="rows per script call")
+    parser.add_argument(
+        "--expiry-grace-s",
+        type=float,
+        default=default(86_400.0),
+        help="Redis keeps rows this long past their view's TTL",
+    )
+    parser.add_argument(
+        "--lock-ttl-s", type=float, default=default(30.0), help="how long the run lock outlives a run that died"
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -133,9 +133,7 @@ async def run(settings: Settings) -> Summary:
                     summary.counts.add(counts)
                     lock.check()
                     if window.advances_watermark:
-                        await advance_watermark(
-                            client, registry.project, window.view.name, window.end_us
-                        )
+                        await advance_watermark(client, registry.project, window.view.name, window.end_us)
                     if counts.written:  # servers refresh what they derive (retrieval indexes)
                         await _announce(client, registry.project, window, written)
         finally:
@@ -153,9 +151,7 @@ async def _ping(client: aioredis.Redis, url: str) -> None:
         raise Unavailable(f"Redis at {url} is unreachable: {exc}") from exc
 
 
-async def _windows(
-    client: aioredis.Redis, project: str, views: list[ViewDef], settings: Settings
-) -> list[Window]:
+async def _windows(client: aioredis.Redis, project: str, views: list[ViewDef], settings: Settings) -> list[Window]:
     if settings.mode == "backfill":
         if settings.start is None or settings.end is None:
             raise ConfigError("a backfill needs both --start and --end")
@@ -164,13 +160,10 @@ async def _windows(
     return incremental_windows(views, marks, int(time.time() * 1_000_000))
 
 
-async def _announce(
-    client: aioredis.Redis, project: str, window: Window, written: WrittenIds
-) -> None:
+async def _announce(client: aioredis.Redis, project: str, window: Window, written: WrittenIds) -> None:
     """Tell servers the window's view was written, with its entity ids when few enough."""
     name, ids = window.view.name, written.ids
-    await publish_written(client, project, [name], ids=None if ids is None else {name: ids},
-                          epoch_us=window.end_us)  # fmt: skip
+    await publish_written(client, project, [name], ids=None if ids is None else {name: ids}, epoch_us=window.end_us)
 
 
 async def _materialize(
@@ -203,10 +196,13 @@ async def _materialize(
     # falls back to $COLUMNS/$LINES or 80 x 24 then.
     cols, rows = shutil.get_terminal_size()
     with tqdm(
-        desc=view.name, unit=" rows", file=sys.stderr, disable=not settings.progress,
-        ncols=cols, nrows=rows,
-    ) as bar:  # fmt: skip
+        desc=view.name,
+        unit=" rows",
+        file=sys.stderr,
+        disable=not settings.progress,
+        ncols=cols,
+        nrows=rows,
+    ) as bar:
         counts = await write_through(client, registry.project, view, produce, options, bar.update)
-    log.info("%s: read %d, wrote %d, skipped %d", view.name, counts.read, counts.written,
-             counts.skipped)  # fmt: skip
+    log.info("%s: read %d, wrote %d, skipped %d", view.name, counts.read, counts.written, counts.skipped)
     return counts

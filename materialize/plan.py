@@ -48,9 +48,7 @@ def to_datetime(us: int) -> datetime:
     return datetime.fromtimestamp(us // 1_000_000, tz=UTC).replace(microsecond=us % 1_000_000)
 
 
-def incremental_windows(
-    views: Sequence[ViewDef], watermarks: Mapping[str, int | None], now_us: int
-) -> list[Window]:
+def incremental_windows(views: Sequence[ViewDef], watermarks: Mapping[str, int | None], now_us: int) -> list[Window]:
     """One window per view, from its watermark (or TTL horizon) up to `now_us`.
 
     >>> [w.start_us for w in incremental_windows([view], {view.name: 5}, 10)]  # doctest: +SKIP

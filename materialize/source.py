@@ -41,11 +41,19 @@ _PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in Unix microseconds
 _MASK_BITS = 63  # bits per int8 mask word; the sign bit stays unused
 _INT32 = struct.Struct(">i")
 _CAST = {
-    DType.INT32: "int4", DType.INT64: "int8", DType.FLOAT32: "float4", DType.FLOAT64: "float8",
-    DType.BOOL: "bool", DType.UNIX_TIMESTAMP: "timestamptz", DType.STRING: "text",
-    DType.BYTES: "bytea", DType.INT32_LIST: "int4[]", DType.INT64_LIST: "int8[]",
-    DType.FLOAT32_LIST: "float4[]", DType.FLOAT64_LIST: "float8[]",
-}  # fmt: skip
+    DType.INT32: "int4",
+    DType.INT64: "int8",
+    DType.FLOAT32: "float4",
+    DType.FLOAT64: "float8",
+    DType.BOOL: "bool",
+    DType.UNIX_TIMESTAMP: "timestamptz",
+    DType.STRING: "text",
+    DType.BYTES: "bytea",
+    DType.INT32_LIST: "int4[]",
+    DType.INT64_LIST: "int8[]",
+    DType.FLOAT32_LIST: "float4[]",
+    DType.FLOAT64_LIST: "float8[]",
+}
 _ZERO = {DType.BOOL: "false", DType.UNIX_TIMESTAMP: "'epoch'::timestamptz"}
 
 
@@ -358,8 +366,7 @@ async def stream_window(
         await conn.copy_from_query(sql, *args, output=sink, format="binary")
     except asyncpg.UndefinedTableError as exc:
         raise ConfigError(
-            f"view {window.view.name!r} reads table {window.view.table!r}, which PostgreSQL"
-            f" does not have: {exc}"
+            f"view {window.view.name!r} reads table {window.view.table!r}, which PostgreSQL does not have: {exc}"
         ) from exc
     except asyncpg.UndefinedColumnError as exc:
         raise ConfigError(f"view {window.view.name!r}: its table lacks a column: {exc}") from exc

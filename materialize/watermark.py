@@ -58,9 +58,7 @@ async def _redis(call: Awaitable[T], what: str) -> T:
         raise Unavailable(f"Redis failed while {what}: {exc}") from exc
 
 
-async def read_watermarks(
-    client: aioredis.Redis, project: str, views: Sequence[str]
-) -> dict[str, int | None]:
+async def read_watermarks(client: aioredis.Redis, project: str, views: Sequence[str]) -> dict[str, int | None]:
     """Each view's watermark (microseconds since the epoch), or None if it has none."""
     keys = [watermark_key(project, v) for v in views]
     values: list[Any] = await _redis(client.mget(keys), "reading watermarks")
@@ -95,9 +93,7 @@ class RunLock:
         self._lost = False
 
     async def __aenter__(self) -> RunLock:
-        taken = await _redis(
-            self.client.set(self.key, self.token, nx=True, px=self.ttl_ms), "taking the lock"
-        )
+        taken = await _redis(self.client.set(self.key, self.token, nx=True, px=self.ttl_ms), "taking the lock")
         if not taken:
             left_ms = await _redis(self.client.pttl(self.key), "reading the lock")
             raise LockHeld(

@@ -29,11 +29,18 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     # mypy-protobuf's plugins live next to this interpreter, which may not be on PATH.
     bin_dir = Path(sys.executable).parent
-    plugins = [f"--plugin=protoc-gen-{name}={bin_dir / f'protoc-gen-{name}'}"
-               for name in ("mypy", "mypy_grpc")]  # fmt: skip
-    args = ["grpc_tools.protoc", *plugins, f"-I{PROTOS}", f"-I{include}", f"--python_out={OUT}",
-            f"--grpc_python_out={OUT}", f"--mypy_out={OUT}", f"--mypy_grpc_out={OUT}",
-            *sources]  # fmt: skip
+    plugins = [f"--plugin=protoc-gen-{name}={bin_dir / f'protoc-gen-{name}'}" for name in ("mypy", "mypy_grpc")]
+    args = [
+        "grpc_tools.protoc",
+        *plugins,
+        f"-I{PROTOS}",
+        f"-I{include}",
+        f"--python_out={OUT}",
+        f"--grpc_python_out={OUT}",
+        f"--mypy_out={OUT}",
+        f"--mypy_grpc_out={OUT}",
+        *sources,
+    ]
     if protoc.main(args) != 0:
         return 1
     for path in OUT.rglob("*"):

@@ -74,8 +74,7 @@ def pg_env(dsn: str, feast_redis: str = "127.0.0.1:6379") -> dict[str, str]:
 def feast_apply(repo: Path) -> None:
     """Run `feast apply` in `repo` (with the environment feature_store.yaml reads)."""
     feast = Path(sys.executable).parent / "feast"
-    subprocess.run([str(feast), "apply"], cwd=repo, check=True, capture_output=True,
-                   env=os.environ.copy())  # fmt: skip
+    subprocess.run([str(feast), "apply"], cwd=repo, check=True, capture_output=True, env=os.environ.copy())
 
 
 @pytest.fixture(scope="session")
@@ -97,9 +96,7 @@ def apply_repo() -> Callable[[Path], None]:
 
 
 @pytest.fixture(scope="session")
-def make_repo(
-    feature_repo: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Callable[[str, Mapping[str, str]], Path]:
+def make_repo(feature_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Mapping[str, str]], Path]:
     """A factory: a copy of the applied repo plus extra definition files, applied again.
 
     make_repo("search", {"extra.py": "...Feast definitions..."}) -> the new repo's path
@@ -120,9 +117,7 @@ def make_repo(
 def feature_repo(tmp_path_factory: pytest.TempPathFactory, pg_dsn: str) -> Path:
     """A copy of feature_repo/ with `feast apply` run in it; its registry is fresh."""
     repo = tmp_path_factory.mktemp("repo") / "feature_repo"
-    shutil.copytree(
-        ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("data", "__pycache__")
-    )
+    shutil.copytree(ROOT / "feature_repo", repo, ignore=shutil.ignore_patterns("data", "__pycache__"))
     os.environ.update(pg_env(pg_dsn))
     feast_apply(repo)
     return repo

@@ -32,7 +32,7 @@ hard) and about 20 ms of JSON parsing for the subscriber.
 Other kinds of event share the channel; a subscriber ignores kinds it does not know:
 
     {"event": "warm", "limit": 100000}  every server re-reads the fleet's hot set
-                                        (featurestore/hotcache.py; `publish_warm`)
+                                        (featurestore/cache/hotcache.py; `publish_warm`)
 
 Pub/sub delivers at most once and only to connected subscribers, so an event is a hint:
 a server that misses one catches up on its periodic refresh (indexes) or version poll

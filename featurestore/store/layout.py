@@ -57,9 +57,12 @@ __all__ = [
 FORMAT_VERSION = 1
 HEADER_SIZE = 16
 _HEADER_FIELDS: list[tuple[str, Any]] = [
-    ("version", "u1"), ("flags", "u1"), ("reserved", "<u2"),
-    ("schema_id", "<u4"), ("event_ts_us", "<i8"),
-]  # fmt: skip
+    ("version", "u1"),
+    ("flags", "u1"),
+    ("reserved", "<u2"),
+    ("schema_id", "<u4"),
+    ("event_ts_us", "<i8"),
+]
 
 
 class DType(enum.Enum):
@@ -302,14 +305,12 @@ def _with_var_section(
     return [blob[bounds[i] : bounds[i + 1]] for i in range(n)]
 
 
-def _scatter_fixed(out: npt.NDArray[np.uint8], starts: npt.NDArray[np.int64],
-                   rows: npt.NDArray[np.uint8]) -> None:  # fmt: skip
+def _scatter_fixed(out: npt.NDArray[np.uint8], starts: npt.NDArray[np.int64], rows: npt.NDArray[np.uint8]) -> None:
     width = rows.shape[1]
     out[(starts[:, None] + np.arange(width)).ravel()] = rows.ravel()
 
 
-def _ranges(starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64], total: int
-            ) -> npt.NDArray[np.int64]:  # fmt: skip
+def _ranges(starts: npt.NDArray[np.int64], lengths: npt.NDArray[np.int64], total: int) -> npt.NDArray[np.int64]:
     """Concatenated arange(starts[i], starts[i] + lengths[i]) for all i, vectorised."""
     ends = np.cumsum(lengths)
     index = np.arange(total, dtype=np.int64)
@@ -354,8 +355,7 @@ def decode_rows(layout: Layout, values: Sequence[bytes | None]) -> DecodedRows:
     return DecodedRows(found, stale, ts, nulls, columns)
 
 
-def _decode_var(layout: Layout, values: Sequence[bytes | None], where: list[int],
-                columns: dict[str, Any]) -> None:  # fmt: skip
+def _decode_var(layout: Layout, values: Sequence[bytes | None], where: list[int], columns: dict[str, Any]) -> None:
     n = len(values)
     out: list[list[Any]] = [[None] * n for _ in layout.var_features]
     for i in where:

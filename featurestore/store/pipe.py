@@ -97,11 +97,19 @@ class RedisPipe:
         "port",
         "timeout_s",
         "tls",
-    )  # fmt: skip
+    )
 
-    def __init__(self, host: str, port: int, *, db: int = 0, timeout_s: float = 1.0,
-                 password: str | None = None, tls: bool = False,
-                 path: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        db: int = 0,
+        timeout_s: float = 1.0,
+        password: str | None = None,
+        tls: bool = False,
+        path: str | None = None,
+    ) -> None:
         self.host, self.port, self.db = host, port, db
         self.timeout_s = timeout_s
         self.password = password
@@ -123,15 +131,19 @@ class RedisPipe:
         parts = urlsplit(url)
         if parts.scheme == "unix":
             db = int(parse_qs(parts.query).get("db", ["0"])[0])
-            pipe = cls("", 0, db=db, timeout_s=timeout_s, password=parts.password,
-                       path=parts.path)  # fmt: skip
+            pipe = cls("", 0, db=db, timeout_s=timeout_s, password=parts.password, path=parts.path)
             return pipe.with_user(parts.username)
         if parts.scheme not in ("redis", "rediss"):
             raise ConfigError(f"a Redis URL starts with redis://, rediss:// or unix://: {url!r}")
         db = int(parts.path.lstrip("/") or 0)
-        pipe = cls(parts.hostname or "127.0.0.1", parts.port or 6379, db=db,
-                   timeout_s=timeout_s, password=parts.password,
-                   tls=parts.scheme == "rediss")  # fmt: skip
+        pipe = cls(
+            parts.hostname or "127.0.0.1",
+            parts.port or 6379,
+            db=db,
+            timeout_s=timeout_s,
+            password=parts.password,
+            tls=parts.scheme == "rediss",
+        )
         return pipe.with_user(parts.username)
 
     async def execute(self, *args: bytes | str | int, timeout_s: float | None = None) -> Any:

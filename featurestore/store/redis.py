@@ -109,8 +109,9 @@ async def _load(client: aioredis.Redis) -> str:
         raise Unavailable(f"Redis is unreachable: {exc}") from exc
 
 
-async def _run(client: aioredis.Redis, batches: Sequence[tuple[Sequence[bytes], Sequence[bytes]]],
-               expiry_ms: int, sha: str) -> list[Any]:  # fmt: skip
+async def _run(
+    client: aioredis.Redis, batches: Sequence[tuple[Sequence[bytes], Sequence[bytes]]], expiry_ms: int, sha: str
+) -> list[Any]:
     pipe = client.pipeline(transaction=False)
     for keys, rows in batches:
         pipe.evalsha(sha, len(keys), *keys, expiry_ms, *rows)

@@ -17,18 +17,17 @@ CASES = {"1x50", "100x50", "100x50+emb"}
 @pytest.mark.timeout(420)
 def test_quick_run_writes_results_with_every_section(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_feast.py"), "--quick",
-         "--out", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
+        [sys.executable, str(ROOT / "benchmarks" / "bench_feast.py"), "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     [path] = tmp_path.glob("feast-2*.json")
     results = json.loads(path.read_text())
-    assert {"context", "machine", "config", "materialize", "lookup", "variants", "ratios",
-            "targets"} <= results.keys()  # fmt: skip
-    assert {"nproc", "memory_gb", "python", "feast", "grpcio", "redis_py", "git_commit"} <= (
-        results["machine"].keys()
-    )
+    assert {"context", "machine", "config", "materialize", "lookup", "variants", "ratios", "targets"} <= results.keys()
+    assert {"nproc", "memory_gb", "python", "feast", "grpcio", "redis_py", "git_commit"} <= (results["machine"].keys())
     for job in ("ours", "feast"):
         assert results["materialize"][job]["rows"] > 0
         assert results["materialize"][job]["peak_rss_mb"] > 0

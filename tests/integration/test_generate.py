@@ -46,17 +46,21 @@ async def test_generated_tables_are_plausible_and_deterministic(
     now = datetime(2026, 11, 23, tzinfo=UTC)
     options = gen.GenerateOptions(users=400, items=100, versions=3, null_fraction=0.05, seed=3)
     counts = await gen.generate(gen_dsn, registry, options, now=now)
-    assert counts == {"user_profile": 1200, "user_activity": 1200, "item_stats": 300,
-                      "item_embedding": 300}  # fmt: skip
+    assert counts == {"user_profile": 1200, "user_activity": 1200, "item_stats": 300, "item_embedding": 300}
     first = await _fetch(gen_dsn, "SELECT * FROM user_activity ORDER BY user_id, event_timestamp")
     await gen.generate(gen_dsn, registry, options, now=now)
     assert await _fetch(gen_dsn, "SELECT * FROM user_activity ORDER BY 1, 2") == first
 
-    stats = (await _fetch(gen_dsn, """
+    stats = (
+        await _fetch(
+            gen_dsn,
+            """
         SELECT min(ctr_24h) AS ctr_min, max(ctr_24h) AS ctr_max, min(clicks_7d) AS clicks_min,
                avg((ctr_7d IS NULL)::int) AS null_share, max(event_timestamp) AS newest,
                min(event_timestamp) AS oldest, count(DISTINCT device_type) AS devices
-        FROM user_activity"""))[0]  # fmt: skip
+        FROM user_activity""",
+        )
+    )[0]
     assert stats["ctr_min"] >= 0 and stats["ctr_max"] <= 1 and stats["clicks_min"] >= 0
     assert 0.02 < stats["null_share"] < 0.09
     assert stats["newest"] <= now and stats["oldest"] > now - timedelta(days=10)
@@ -85,8 +89,7 @@ def test_command_line_reports_rows_per_view(
     gen_dsn: str, feature_repo: Path, capsys: pytest.CaptureFixture[str], generator: ModuleType
 ) -> None:
     gen = generator
-    argv = ["--dsn", gen_dsn, "--repo", str(feature_repo), "--views", "item_stats",
-            "--items", "50", "--versions", "2"]  # fmt: skip
+    argv = ["--dsn", gen_dsn, "--repo", str(feature_repo), "--views", "item_stats", "--items", "50", "--versions", "2"]
     assert gen.main(argv) == 0
     assert "item_stats: 100 rows" in capsys.readouterr().out
     assert gen.main([*argv[:4], "--views", "nope"]) == 1

@@ -45,9 +45,7 @@ def test_a_cached_load_does_not_import_feast(repo: Path) -> None:
 def test_a_new_registry_content_is_compiled_again(repo: Path) -> None:
     first = load_registry(repo)
     registry_file = repo / "data" / "registry.db"
-    (repo / "data" / "registry.db.compiled.json").write_text(
-        '{"format": 1, "sha256": "stale", "project": "recsys"}'
-    )
+    (repo / "data" / "registry.db.compiled.json").write_text('{"format": 1, "sha256": "stale", "project": "recsys"}')
     assert load_registry(repo) == first  # a stale or broken cache is ignored
     registry_file.write_bytes(b"not a registry")
     with pytest.raises(ConfigError, match="cannot read the Feast registry"):

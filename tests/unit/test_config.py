@@ -44,9 +44,8 @@ def test_password_is_hidden_in_repr() -> None:
         ({"redis_timeout_s": 0}, "redis_timeout_s must be > 0"),
         ({"metrics_port": -1}, "metrics_port"),
     ],
-    ids=["scheme", "port", "workers", "workers-port-0", "max-rows", "bool", "refresh", "timeout",
-         "metrics-port"],
-)  # fmt: skip
+    ids=["scheme", "port", "workers", "workers-port-0", "max-rows", "bool", "refresh", "timeout", "metrics-port"],
+)
 def test_bad_settings_fail_at_construction(overrides: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         settings(**overrides)

@@ -54,8 +54,7 @@ def make_registry(*views: ViewDef, services: dict[str, Any] | None = None) -> Re
 USER = JoinKey("user_id", DType.INT64)
 ITEM = JoinKey("item_sku", DType.STRING)
 TYPED = make_view("typed", ALL_TYPES, USER, ttl_s=3600)
-SMALL = make_view("small", (FeatureSpec("a", DType.INT64), FeatureSpec("s", DType.STRING)),
-                  ITEM, ttl_s=0)  # fmt: skip
+SMALL = make_view("small", (FeatureSpec("a", DType.INT64), FeatureSpec("s", DType.STRING)), ITEM, ttl_s=0)
 REGISTRY = make_registry(TYPED, SMALL, services={"svc": (("small", ("a",)), ("typed", ("i64",)))})
 
 
@@ -161,9 +160,23 @@ def test_plan_rejects_clashing_names_without_full_feature_names() -> None:
         ({"item_sku": [1]}, ["small"], InvalidArgument, "'item_sku' is string.*int64"),
         ({"user_id": [1.5]}, ["typed"], InvalidArgument, "'user_id' must hold int64"),
     ],
-    ids=["view", "feature", "service", "malformed", "no-refs", "no-columns", "empty", "oversize",
-         "unequal", "missing-key", "extra-key", "str-for-int", "int-for-str", "float"],
-)  # fmt: skip
+    ids=[
+        "view",
+        "feature",
+        "service",
+        "malformed",
+        "no-refs",
+        "no-columns",
+        "empty",
+        "oversize",
+        "unequal",
+        "missing-key",
+        "extra-key",
+        "str-for-int",
+        "int-for-str",
+        "float",
+    ],
+)
 def test_bad_input_names_what_was_wrong(
     entities: dict[str, Any], features: list[str], error: type[Exception], match: str
 ) -> None:
@@ -174,8 +187,7 @@ def test_bad_input_names_what_was_wrong(
 
 def test_row_keys_cover_every_view_once_per_entity() -> None:
     lookup = Lookup(None, REGISTRY)  # type: ignore[arg-type]
-    keys, n = lookup.row_keys(lookup.plan(["svc"]), {"user_id": np.array([1, 2]),
-                                                    "item_sku": ["a|b", "c"]})  # fmt: skip
+    keys, n = lookup.row_keys(lookup.plan(["svc"]), {"user_id": np.array([1, 2]), "item_sku": ["a|b", "c"]})
     assert n == 2
     assert keys == [b"proj:small:{a%7Cb}", b"proj:small:{c}", b"proj:typed:{1}", b"proj:typed:{2}"]
 

@@ -1,0 +1,516 @@
+"""Predict and Rank: entity rows -> features -> matrix -> model scores, batched.
+
+    scorer = Scorer(models, lookup, pipe, indexes)
+    result = await scorer.predict("ranker", {"user_id": [7], "item_id": items})
+    ranked = await scorer.rank("ranker", {"user_id": [7]}, candidate_ids=ids, top_n=20)
+
+A call is checked and its Redis keys are built in the caller's task (so a bad call fails
+alone), then it joins its model's `MicroBatcher` (or, with batching off, runs the same two
+stages by itself):
+
+    fetch   the keys of every call of the batch, every view: ONE MGET; decode per
+            join-key group; assemble the batch matrix; fill or fail per call
+    score   one model run on the inference thread; scores split back per call
+
+Entity columns hold n values, or 1 to broadcast (a user scored against n items): a
+group whose keys are all broadcast reads one row per view. Request-time inputs work the
+same way. Per-stage seconds (`Timings`) travel with each call and go to Prometheus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from featurestore import metrics
+from featurestore.decode import NOT_FOUND, PRESENT, decode
+from featurestore.errors import DeadlineExceeded, InvalidArgument, MissingFeature, NotFound
+from featurestore.inference.batching import MicroBatcher
+from featurestore.inference.matrix import InputPlan, fill_missing
+from featurestore.inference.models import (
+    check_request_values,
+)
+from featurestore.inference.runtime import Model, ModelRegistry
+from featurestore.lookup import Lookup
+from featurestore.retrieval.indexes import ViewIndexes
+from featurestore.store.pipe import RedisPipe
+from featurestore.tasks import cancel_all
+
+__all__ = ["MAX_CANDIDATES", "MAX_ROWS", "Ranked", "Scored", "Scorer", "Timings"]
+
+MAX_ROWS = 10_000  # entity rows per Predict call
+MAX_CANDIDATES = 10_000  # candidates per Rank call (retrieval: at most 1,000)
+_STAGES = ("queue", "redis", "decode", "retrieval", "matrix", "model", "serialization", "total")
+_STATUS_NAMES = {NOT_FOUND: "NOT_FOUND", 2: "NULL_VALUE", 4: "OUTSIDE_MAX_AGE"}
+
+Entities = Mapping[str, Sequence[Any]]
+RequestValues = Mapping[str, tuple[str, Sequence[Any]]]  # name -> (kind, values)
+
+
+class Timings:
+    """Seconds per stage of one call; `batch_*` describe the batch it was scored in."""
+
+    __slots__ = (*_STAGES, "batch_requests", "batch_rows")
+
+    def __init__(self) -> None:
+        self.queue = self.redis = self.decode = self.retrieval = 0.0
+        self.matrix = self.model = self.serialization = self.total = 0.0
+        self.batch_requests = 1
+        self.batch_rows = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {stage: getattr(self, stage) for stage in _STAGES}
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """Scores of one Predict call; `statuses` only for inputs with a row not PRESENT."""
+
+    scores: npt.NDArray[np.float32]
+    statuses: dict[str, bytes]
+    version: str
+    timings: Timings
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    """The top of a Rank call: ids and scores, best first."""
+
+    ids: npt.NDArray[np.int64]
+    scores: npt.NDArray[np.float32]
+    candidates: int
+    version: str
+    timings: Timings
+
+
+class _Call:
+    """One call in flight: its checked input and, per group, its keys and row count."""
+
+    __slots__ = (
+        "dequeued",
+        "enqueued",
+        "entities",
+        "future",
+        "keys",
+        "model",
+        "plan",
+        "request",
+        "rows",
+        "timings",
+    )
+
+    def __init__(
+        self,
+        model: Model,
+        plan: InputPlan,
+        rows: int,
+        keys: list[tuple[list[bytes], int]],
+        request: dict[int, npt.NDArray[np.float32]],
+    ) -> None:
+        self.model, self.plan = model, plan  # a batch holds calls of one model version
+        self.entities: Entities = {}  # for error messages only
+        self.rows = rows
+        self.keys = keys  # per group: (row keys, 1 or rows)
+        self.request = request  # matrix column -> values (1 or rows)
+        self.future: asyncio.Future[Scored] = asyncio.get_running_loop().create_future()
+        self.timings = Timings()
+        self.enqueued = self.dequeued = 0.0
+
+
+class _Batch:
+    """A fetched batch, ready for the model."""
+
+    __slots__ = ("calls", "matrix", "missing", "model", "starts", "statuses")
+
+    def __init__(
+        self,
+        model: Model,
+        calls: Sequence[_Call],
+        matrix: npt.NDArray[np.float32],
+        statuses: npt.NDArray[np.uint8],
+        starts: list[int],
+    ) -> None:
+        self.model, self.calls, self.matrix = model, calls, matrix
+        self.statuses, self.starts = statuses, starts
+
+
+class Scorer:
+    """Predict and Rank for the models of a `ModelRegistry`.
+
+    Parameters:
+        models: the served models.
+        lookup: plans and keys of feature reads (its registry is followed).
+        pipe: the Redis connection batches read through (one MGET per batch).
+        indexes: retrieval indexes, for Rank by query vector or seed items (optional).
+    """
+
+    def __init__(
+        self,
+        models: ModelRegistry,
+        lookup: Lookup,
+        pipe: RedisPipe,
+        indexes: ViewIndexes | None = None,
+    ) -> None:
+        self.models = models
+        self._lookup, self._pipe, self._indexes = lookup, pipe, indexes
+        self._plans: dict[str, tuple[Model, InputPlan]] = {}
+        self._batchers: dict[str, tuple[Model, MicroBatcher[_Call, _Batch]]] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+
+    async def predict(
+        self,
+        model_name: str,
+        entities: Entities,
+        request_values: RequestValues | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> Scored:
+        """Score every entity row with `model_name`; see the module docstring.
+
+        Raises NotFound (model), InvalidArgument (entities, request values, size),
+        MissingFeature (a required input not PRESENT), ModelError, DeadlineExceeded.
+
+        >>> await scorer.predict("ranker", {"user_id": [7], "item_id": [1, 2]})  # doctest: +SKIP
+        """
+        started = time.perf_counter()
+        model = self.models.get(model_name)
+        call = self._call(model, self._plan(model), entities, request_values or {})
+        result = await self._submit(model, call, timeout_s)
+        result.timings.total = time.perf_counter() - started
+        return result
+
+    async def rank(
+        self,
+        model_name: str,
+        context: Entities,
+        *,
+        candidate_ids: npt.NDArray[np.int64] | None = None,
+        query_vector: npt.NDArray[np.float32] | None = None,
+        seed_ids: npt.NDArray[np.int64] | None = None,
+        retrieval_view: str = "",
+        n_candidates: int = 0,
+        exclude_seeds: bool = True,
+        top_n: int = 10,
+        request_values: RequestValues | None = None,
+        timeout_s: float | None = None,
+    ) -> Ranked:
+        """The `top_n` best candidates for `context` (e.g. {"user_id": [7]}).
+
+        Candidates are `candidate_ids`, or the `n_candidates` nearest neighbours in
+        `retrieval_view` (default: the model's) of `query_vector` or of the mean
+        embedding of `seed_ids` (left out of the candidates with `exclude_seeds`).
+        """
+        started = time.perf_counter()
+        model = self.models.get(model_name)
+        key = model.spec.candidate_key
+        if not key:
+            raise InvalidArgument(f"model {model_name!r} declares no candidate_key: it cannot Rank")
+        if top_n < 1:
+            raise InvalidArgument(f"top_n={top_n}: ask for at least 1")
+        retrieval_s = 0.0
+        if candidate_ids is None:
+            t0 = time.perf_counter()
+            candidate_ids = await self._retrieve(
+                model, retrieval_view, query_vector, seed_ids, n_candidates, exclude_seeds
+            )
+            retrieval_s = time.perf_counter() - t0
+        if not 1 <= candidate_ids.shape[0] <= MAX_CANDIDATES:
+            raise InvalidArgument(f"{candidate_ids.shape[0]} candidates: send 1 to {MAX_CANDIDATES}")
+        if key in context:
+            raise InvalidArgument(f"{key!r} is the candidate key: send it as candidates only")
+        entities = {**context, key: candidate_ids.tolist()}
+        scored = await self.predict(model_name, entities, request_values, timeout_s=timeout_s)
+        order = np.argsort(-scored.scores, kind="stable")[:top_n]
+        timings = scored.timings
+        timings.retrieval = retrieval_s
+        timings.total = time.perf_counter() - started
+        return Ranked(
+            candidate_ids[order],
+            scored.scores[order],
+            int(candidate_ids.shape[0]),
+            scored.version,
+            timings,
+        )
+
+    async def _retrieve(
+        self,
+        model: Model,
+        view: str,
+        query: npt.NDArray[np.float32] | None,
+        seeds: npt.NDArray[np.int64] | None,
+        k: int,
+        exclude_seeds: bool,
+    ) -> npt.NDArray[np.int64]:
+        if self._indexes is None:
+            raise InvalidArgument("this server has no retrieval indexes: send candidate_ids")
+        view = view or model.spec.retrieval_view
+        if not view:
+            raise InvalidArgument(f"model {model.spec.name!r} has no retrieval_view: name one")
+        manager = self._indexes.manager(view)
+        if (query is None) == (seeds is None):
+            raise InvalidArgument("retrieval needs exactly one of query_vector and seed_ids")
+        exclude = None
+        if seeds is not None:
+            index = manager.index
+            if index is None or not seeds.size:
+                raise InvalidArgument("seed_ids is empty" if index else f"{view!r} is not built")
+            labels, found = index.labels_of(seeds)
+            if not found.all():
+                raise NotFound(f"view {view!r} has no vector for seed ids {seeds[~found][:10].tolist()}")
+            query = index.vectors[labels].mean(axis=0, dtype=np.float32)
+            exclude = seeds if exclude_seeds else None
+        assert query is not None
+        result = await manager.search(query.reshape(1, -1), k, exclude_ids=exclude)
+        ids: npt.NDArray[np.int64] = result.ids[0]
+        return ids[ids >= 0]
+
+    def _plan(self, model: Model) -> InputPlan:
+        cached = self._plans.get(model.spec.name)
+        if cached is not None and cached[0] is model and not cached[1].stale(self._lookup):
+            return cached[1]
+        plan = InputPlan(model.spec, self._lookup)
+        self._plans[model.spec.name] = (model, plan)
+        return plan
+
+    def _call(self, model: Model, plan: InputPlan, entities: Entities, values: RequestValues) -> _Call:
+        n = _row_count(entities, MAX_ROWS)
+        extra = sorted(set(entities) - plan.join_keys)
+        if extra:
+            raise InvalidArgument(
+                f"entity columns {extra} are not join keys of model"
+                f" {plan.spec.name!r} (it takes {sorted(plan.join_keys)})"
+            )
+        keys = []
+        for group in plan.groups:
+            missing = [k for k in group.join_keys if k not in entities]
+            if missing:
+                raise InvalidArgument(f"model {plan.spec.name!r} needs entity column(s) {missing}")
+            columns = {k: entities[k] for k in group.join_keys}
+            broadcast = n > 1 and all(len(c) == 1 for c in columns.values())
+            keys.append(self._lookup.row_keys(group.plan, columns))
+            assert keys[-1][1] == (1 if broadcast else n)
+        call = _Call(model, plan, n, keys, _request_columns(plan, values, n))
+        call.entities = entities
+        return call
+
+    async def _submit(self, model: Model, call: _Call, timeout_s: float | None) -> Scored:
+        batching = model.spec.batching
+        try:
+            async with asyncio.timeout(timeout_s):
+                if not batching.enabled:
+                    call.enqueued = call.dequeued = time.perf_counter()
+                    await self._score(await self._fetch([call]))
+                    return await call.future
+                scored: Scored = await self._batcher(model).submit(call)
+                return scored
+        except TimeoutError as exc:
+            raise DeadlineExceeded(f"the caller's deadline passed while scoring with {model.spec.name!r}") from exc
+
+    def _batcher(self, model: Model) -> MicroBatcher[_Call, _Batch]:
+        """The batcher of this model version (batches never mix versions)."""
+        entry = self._batchers.get(model.spec.name)
+        if entry is None or entry[0] is not model:
+            if entry is not None:  # a new version: the old batcher finishes its calls, then goes
+                task = asyncio.create_task(entry[1].drain_and_close())
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
+            config = model.spec.batching
+            batcher: MicroBatcher[_Call, _Batch] = MicroBatcher(
+                self._fetch,
+                self._score,
+                max_rows=config.max_rows,
+                max_requests=config.max_requests,
+                max_wait_us=config.max_wait_us,
+            )
+            entry = self._batchers[model.spec.name] = (model, batcher)
+        return entry[1]
+
+    async def close(self) -> None:
+        """Stop every batcher; calls still waiting fail with Unavailable."""
+        for _, batcher in self._batchers.values():
+            await batcher.close()
+        self._batchers.clear()
+        await cancel_all(self._retiring)
+        await self._pipe.close()
+        self.models.close()
+
+    async def _fetch(self, calls: Sequence[_Call]) -> _Batch:
+        """Stage 1: one MGET for every call and view, decode, the batch matrix."""
+        model, plan = calls[0].model, calls[0].plan
+        all_keys: list[bytes] = []
+        for g, group in enumerate(plan.groups):
+            # A group's rows go view after view (what `decode` reads), calls in order.
+            for v in range(len(group.plan.view_names)):
+                for call in calls:
+                    keys, n = call.keys[g]
+                    all_keys += keys[v * n : (v + 1) * n]
+        t0 = time.perf_counter()
+        rows = await self._lookup.read_rows(all_keys, pipe=self._pipe)
+        t1 = time.perf_counter()
+        now_us = time.time_ns() // 1000
+        decoded, at = [], 0
+        for g, group in enumerate(plan.groups):
+            n = sum(call.keys[g][1] for call in calls)
+            size = n * len(group.plan.view_names)
+            decoded.append(group.decode(decode(group.plan, rows[at : at + size], n, now_us)))
+            at += size
+        t2 = time.perf_counter()
+        batch = _assemble(model, plan, calls, decoded)
+        t3 = time.perf_counter()
+        metrics.INFERENCE_REDIS.observe(t1 - t0)
+        metrics.INFERENCE_DECODE.observe(t2 - t1)
+        metrics.INFERENCE_MATRIX.observe(t3 - t2)
+        for call in calls:
+            tm = call.timings
+            tm.queue = call.dequeued - call.enqueued
+            tm.redis, tm.decode, tm.matrix = t1 - t0, t2 - t1, t3 - t2
+            tm.batch_requests, tm.batch_rows = len(calls), batch.matrix.shape[0]
+            call.enqueued = t3  # from here: waiting for the model counts as queue time
+        return batch
+
+    async def _score(self, batch: _Batch) -> None:
+        """Stage 2: one model run; each call gets its rows' scores."""
+        t0 = time.perf_counter()
+        scores = await batch.model.run(batch.matrix)
+        t1 = time.perf_counter()
+        metrics.INFERENCE_MODEL.observe(t1 - t0)
+        metrics.INFERENCE_BATCH_ROWS.observe(batch.matrix.shape[0])
+        metrics.INFERENCE_BATCH_REQUESTS.observe(len(batch.calls))
+        names = [c.ref for c in batch.model.spec.columns]
+        for call, start in zip(batch.calls, batch.starts, strict=True):
+            if call.future.done():
+                continue
+            end = start + call.rows
+            tm = call.timings
+            tm.queue += t0 - call.enqueued
+            tm.model = t1 - t0
+            metrics.INFERENCE_QUEUE.observe(tm.queue)
+            call.future.set_result(
+                Scored(
+                    scores[start:end],
+                    _statuses(batch.statuses[start:end], names),
+                    batch.model.version,
+                    tm,
+                )
+            )
+
+
+def _row_count(entities: Entities, limit: int) -> int:
+    if not entities:
+        raise InvalidArgument("no entity columns: send one column per join key, e.g. user_id")
+    sizes = {k: len(v) for k, v in entities.items()}
+    n = max(sizes.values())
+    if any(s not in (1, n) for s in sizes.values()):
+        raise InvalidArgument(f"entity columns must hold n values or 1 (broadcast): {sizes}")
+    if n == 0 or min(sizes.values()) == 0:
+        raise InvalidArgument(f"empty entity column: {sizes}")
+    if n > limit:
+        raise InvalidArgument(f"{n} entity rows exceed the limit of {limit} per call: split it")
+    return n
+
+
+def _request_columns(plan: InputPlan, values: RequestValues, n: int) -> dict[int, npt.NDArray[np.float32]]:
+    by_name = {column.feature: (j, column) for j, column in plan.request}
+    unknown = sorted(set(values) - set(by_name))
+    if unknown:
+        raise InvalidArgument(
+            f"model {plan.spec.name!r} takes no request values {unknown} (it takes {sorted(by_name)})"
+        )
+    out = {}
+    for name, (j, column) in by_name.items():
+        if name not in values:
+            if column.default is None:
+                raise InvalidArgument(f"request value {name!r} is required by model {plan.spec.name!r}: send it")
+            continue
+        kind, given = values[name]
+        check_request_values(column, given, kind)
+        if len(given) not in (1, n):
+            raise InvalidArgument(f"request value {name!r} holds {len(given)} values; send 1 or {n}")
+        out[j] = np.asarray(given, dtype=np.float32)
+    return out
+
+
+def _assemble(
+    model: Model,
+    plan: InputPlan,
+    calls: Sequence[_Call],
+    decoded: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]],
+) -> _Batch:
+    """The batch matrix and statuses; calls whose required inputs are missing fail here."""
+    starts = np.cumsum([0] + [c.rows for c in calls]).tolist()
+    total = starts[-1]
+    matrix = np.empty((total, model.spec.width), dtype=np.float32)
+    statuses = np.full((total, model.spec.width), PRESENT, dtype=np.uint8)
+    for g, (values, group_statuses) in enumerate(decoded):
+        gather = _gather(calls, g, total)
+        positions = plan.groups[g].positions
+        if gather is None:
+            matrix[:, positions] = values
+            statuses[:, positions] = group_statuses
+        else:
+            matrix[:, positions] = values[gather]
+            statuses[:, positions] = group_statuses[gather]
+    for j, _ in plan.request:
+        for call, start in zip(calls, starts[:-1], strict=True):
+            given = call.request.get(j)
+            if given is None:
+                statuses[start : start + call.rows, j] = NOT_FOUND
+            else:
+                matrix[start : start + call.rows, j] = given
+    missing = fill_missing(matrix, statuses, plan.defaults)
+    if plan.required.any():
+        _fail_required(model, plan, calls, starts, missing)
+    return _Batch(model, calls, matrix, statuses, starts[:-1])
+
+
+def _gather(calls: Sequence[_Call], g: int, total: int) -> npt.NDArray[np.intp] | None:
+    """Row of the group's decoded values for every batch row (None: the identity)."""
+    if all(call.keys[g][1] == call.rows for call in calls):
+        return None
+    parts, at = [], 0
+    for call in calls:
+        count = call.keys[g][1]
+        parts.append(
+            np.full(call.rows, at, dtype=np.intp)
+            if count == 1 and call.rows > 1
+            else np.arange(at, at + count, dtype=np.intp)
+        )
+        at += count
+    return np.concatenate(parts)
+
+
+def _fail_required(
+    model: Model,
+    plan: InputPlan,
+    calls: Sequence[_Call],
+    starts: list[int],
+    missing: npt.NDArray[np.bool_],
+) -> None:
+    bad = missing & plan.required
+    for call, start in zip(calls, starts[:-1], strict=True):
+        rows = bad[start : start + call.rows]
+        if not rows.any() or call.future.done():
+            continue
+        row, j = (int(x) for x in np.argwhere(rows)[0])
+        column = model.spec.columns[j]
+        keys = next(g.join_keys for g in plan.groups if j in g.positions)
+        entity = ", ".join(f"{k}={call.entities[k][row if len(call.entities[k]) > 1 else 0]!r}" for k in keys)
+        call.future.set_exception(
+            MissingFeature(
+                f"model {model.spec.name!r} requires {column.ref}, but it is missing, null or"
+                f" stale for {entity} (row {row} of the call;"
+                f" {int(rows.any(axis=1).sum())} row(s) affected): materialize it or give it a"
+                " fill value in models.yaml"
+            )
+        )
+
+
+def _statuses(statuses: npt.NDArray[np.uint8], names: Sequence[str]) -> dict[str, bytes]:
+    bad = np.flatnonzero((statuses != PRESENT).any(axis=0))
+    return {names[j]: statuses[:, j].tobytes() for j in bad.tolist()}
