@@ -15,10 +15,9 @@ from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from featurestore.errors import ConfigError
+from featurestore.limits import MAX_ROWS
 
-__all__ = ["MAX_ROWS_LIMIT", "Settings", "redact_url"]
-
-MAX_ROWS_LIMIT = 10_000  # the API's ceiling on entity rows per request
+__all__ = ["Settings", "redact_url"]
 
 
 def redact_url(url: str) -> str:
@@ -71,7 +70,7 @@ class Settings:
     port: int = 50051
     workers: int = 1
     registry_refresh_s: float = 30.0
-    max_rows: int = MAX_ROWS_LIMIT
+    max_rows: int = MAX_ROWS
     redis_timeout_s: float = 1.0
     metrics_port: int = 0
     grace_s: float = 5.0
@@ -94,7 +93,7 @@ class Settings:
         _check_range("port", self.port, 0, 65535)
         _check_range("metrics_port", self.metrics_port, 0, 65535)
         _check_range("workers", self.workers, 1, 256)
-        _check_range("max_rows", self.max_rows, 1, MAX_ROWS_LIMIT)
+        _check_range("max_rows", self.max_rows, 1, MAX_ROWS)
         if self.workers > 1 and self.port == 0:
             raise ConfigError("workers > 1 share one port: give an explicit --port, not 0")
         _check_range("index_exact_max", self.index_exact_max, 1, 2**62)

@@ -23,9 +23,9 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from featurestore.config import MAX_ROWS_LIMIT
 from featurestore.decode import LookupResult, RequestPlan, decode
 from featurestore.errors import DeadlineExceeded, InvalidArgument
+from featurestore.limits import MAX_ROWS
 from featurestore.registry import Registry
 from featurestore.store import keys
 from featurestore.store.layout import DType
@@ -63,7 +63,7 @@ class Lookup:
     __slots__ = ("_cache", "_max_rows", "_plans", "_redis", "_registry")
 
     def __init__(
-        self, redis: RedisPipe, registry: Registry, *, max_rows: int = MAX_ROWS_LIMIT, cache: RowSource | None = None
+        self, redis: RedisPipe, registry: Registry, *, max_rows: int = MAX_ROWS, cache: RowSource | None = None
     ) -> None:
         self._redis = redis
         self._cache = cache

@@ -13,10 +13,9 @@ import grpc
 
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
 from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
+from featurestore.serving.admin import DEFAULT_TOP
 
 __all__ = ["add_arguments", "cache_status", "run"]
-
-DEFAULT_TOP = 20
 
 
 def cache_status(target: str, top: int = DEFAULT_TOP, timeout_s: float = 5.0

@@ -45,13 +45,13 @@ from featurestore.errors import (
     NotFound,
     Unavailable,
 )
+from featurestore.limits import MAX_MESSAGE_BYTES
 
 __all__ = ["AsyncClient", "Client", "Neighbours", "OnlineFeatures", "Prediction", "Ranking"]
 
-_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _OPTIONS = [
-    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 _VT = pb.ValueType
 _FIXED: dict[int, np.dtype[Any]] = {

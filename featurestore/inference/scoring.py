@@ -37,15 +37,14 @@ from featurestore.inference.models import (
     check_request_values,
 )
 from featurestore.inference.runtime import Model, ModelRegistry
+from featurestore.limits import MAX_CANDIDATES, MAX_ROWS
 from featurestore.lookup import Lookup
 from featurestore.retrieval.indexes import ViewIndexes
 from featurestore.store.pipe import RedisPipe
 from featurestore.tasks import cancel_all
 
-__all__ = ["MAX_CANDIDATES", "MAX_ROWS", "Ranked", "Scored", "Scorer", "Timings"]
+__all__ = ["Ranked", "Scored", "Scorer", "Timings"]
 
-MAX_ROWS = 10_000  # entity rows per Predict call
-MAX_CANDIDATES = 10_000  # candidates per Rank call (retrieval: at most 1,000)
 _STAGES = ("queue", "redis", "decode", "retrieval", "matrix", "model", "serialization", "total")
 _STATUS_NAMES = {NOT_FOUND: "NOT_FOUND", 2: "NULL_VALUE", 4: "OUTSIDE_MAX_AGE"}
 

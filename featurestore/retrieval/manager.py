@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from featurestore.errors import ConfigError, InvalidArgument, NotFound, Unavailable
+from featurestore.limits import MAX_K, MAX_QUERIES
 from featurestore.registry import ViewDef
 from featurestore.retrieval.index import (
     BuildStats,
@@ -55,8 +56,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-K_MAX = 1000
-MAX_QUERIES = 10_000
 
 _executor_lock = threading.Lock()
 _search_executor: ThreadPoolExecutor | None = None
@@ -326,8 +325,8 @@ class IndexManager:
         return SearchResult(ids_out, np.where(ids_out < 0, pad, scores).astype(np.float32))
 
     def _index_for(self, k: int) -> EmbeddingIndex:
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= K_MAX:
-            raise InvalidArgument(f"k={k!r} is out of range: ask for 1 to {K_MAX} neighbours")
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= MAX_K:
+            raise InvalidArgument(f"k={k!r} is out of range: ask for 1 to {MAX_K} neighbours")
         index = self._live  # captured once: this search runs on this generation
         if index is None:
             raise Unavailable(

@@ -16,10 +16,10 @@ from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
 from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
 from featurestore.cache.hotcache import HotCache
 from featurestore.errors import InvalidArgument
+from featurestore.limits import MAX_TOP
 
-__all__ = ["DEFAULT_TOP", "MAX_TOP", "AdminServicer"]
+__all__ = ["DEFAULT_TOP", "AdminServicer"]
 
-MAX_TOP = 10_000
 DEFAULT_TOP = 20
 
 

@@ -33,6 +33,7 @@ from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
 from featurestore.cache.hotcache import HotCache
 from featurestore.config import Settings
 from featurestore.errors import ConfigError, Unavailable
+from featurestore.limits import MAX_MESSAGE_BYTES
 from featurestore.lookup import Lookup
 from featurestore.registry import load_registry
 from featurestore.retrieval.indexes import ViewIndexes
@@ -52,8 +53,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureStore"].full_name
 ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureStoreAdmin"].full_name
-# Large batches (10,000 rows x many features) exceed gRPC's 4 MB default.
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 
 class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
