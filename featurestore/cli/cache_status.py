@@ -13,7 +13,7 @@ import grpc
 
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
 from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
-from featurestore.serving.admin import DEFAULT_TOP
+from featurestore.serving.servicers import DEFAULT_TOP
 
 __all__ = ["add_arguments", "cache_status", "run"]
 

@@ -3,6 +3,7 @@
     plan = InputPlan(spec, lookup)                   # once per model and registry
     group = plan.groups[0]                           # inputs that share join keys
     values, statuses = group.decode(lookup_result)   # (rows, inputs of the group)
+    batch = assemble(plan, calls, decoded)           # the matrix of a batch of calls
 
 A model's feature inputs are split by join keys (user_id, item_id, ...): each group is one
 `RequestPlan` of the lookup, so a call with one user and 100 items reads 1 + 100 rows per
@@ -10,22 +11,26 @@ view, not 100 + 100, and the user's row is broadcast. Columns of one element typ
 joined and read with a single `np.frombuffer`, then cast into their matrix columns; a
 string column maps through its vocabulary (one dict lookup per row: strings are rare
 inputs). Statuses come out as (rows, inputs) uint8, the lookup's FieldStatus numbers.
+
+A batch stacks the rows of several calls; a call whose group was read once (a broadcast
+user) has that row repeated by one numpy gather, and request-time values are copied in
+per call. Inputs that are not PRESENT take their fill values (`fill_missing`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from featurestore.decode import PRESENT, LookupResult, RequestPlan
+from featurestore.decode import NOT_FOUND, PRESENT, LookupResult, RequestPlan
 from featurestore.inference.models import InputColumn, ModelSpec
 from featurestore.lookup import Lookup
 from featurestore.store.layout import DType
 
-__all__ = ["InputGroup", "InputPlan", "fill_missing"]
+__all__ = ["BatchMatrix", "BatchPart", "InputGroup", "InputPlan", "assemble", "fill_missing"]
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
@@ -114,3 +119,71 @@ def fill_missing(matrix: F32, statuses: U8, defaults: F32) -> npt.NDArray[np.boo
     missing: npt.NDArray[np.bool_] = statuses != PRESENT
     np.copyto(matrix, defaults, where=missing)
     return missing
+
+
+class BatchPart(Protocol):
+    """One call's share of a batch: its row count, the rows read per input group (1: a
+    broadcast row, or `rows`), and its request-time values by matrix column (1 or `rows`)."""
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def counts(self) -> Sequence[int]: ...
+
+    @property
+    def request(self) -> Mapping[int, F32]: ...
+
+
+class BatchMatrix(NamedTuple):
+    """The model input of a batch: `matrix` and `statuses` (rows, inputs); call i owns rows
+    starts[i]:starts[i + 1]; `missing` marks the cells that took their fill value."""
+
+    matrix: F32
+    statuses: U8
+    starts: list[int]
+    missing: npt.NDArray[np.bool_]
+
+
+def assemble(plan: InputPlan, parts: Sequence[BatchPart], decoded: Sequence[tuple[F32, U8]]) -> BatchMatrix:
+    """Stack the calls `parts` into one matrix from each input group's decoded values and
+    statuses (`InputGroup.decode` of the batch's rows, calls in order), add the request
+    values and fill what is not PRESENT."""
+    starts: list[int] = np.cumsum([0] + [p.rows for p in parts]).tolist()
+    total = starts[-1]
+    matrix = np.empty((total, plan.spec.width), dtype=np.float32)
+    statuses = np.full((total, plan.spec.width), PRESENT, dtype=np.uint8)
+    for g, (values, group_statuses) in enumerate(decoded):
+        gather = _gather(parts, g)
+        positions = plan.groups[g].positions
+        if gather is None:
+            matrix[:, positions] = values
+            statuses[:, positions] = group_statuses
+        else:
+            matrix[:, positions] = values[gather]
+            statuses[:, positions] = group_statuses[gather]
+    for j, _ in plan.request:
+        for part, start in zip(parts, starts[:-1], strict=True):
+            given = part.request.get(j)
+            if given is None:
+                statuses[start : start + part.rows, j] = NOT_FOUND
+            else:
+                matrix[start : start + part.rows, j] = given
+    missing = fill_missing(matrix, statuses, plan.defaults)
+    return BatchMatrix(matrix, statuses, starts, missing)
+
+
+def _gather(parts: Sequence[BatchPart], g: int) -> npt.NDArray[np.intp] | None:
+    """Row of the group's decoded values for every batch row (None: the identity)."""
+    if all(part.counts[g] == part.rows for part in parts):
+        return None
+    pieces, at = [], 0
+    for part in parts:
+        count = part.counts[g]
+        pieces.append(
+            np.full(part.rows, at, dtype=np.intp)
+            if count == 1 and part.rows > 1
+            else np.arange(at, at + count, dtype=np.intp)
+        )
+        at += count
+    return np.concatenate(pieces)

@@ -23,33 +23,59 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from featurestore import metrics
-from featurestore.decode import NOT_FOUND, PRESENT, decode
-from featurestore.errors import DeadlineExceeded, InvalidArgument, MissingFeature, NotFound
+from featurestore.decode import PRESENT, decode
+from featurestore.errors import DeadlineExceeded, InvalidArgument, MissingFeature
 from featurestore.inference.batching import MicroBatcher
-from featurestore.inference.matrix import InputPlan, fill_missing
+from featurestore.inference.matrix import InputPlan, assemble
 from featurestore.inference.models import (
     check_request_values,
 )
 from featurestore.inference.runtime import Model, ModelRegistry
 from featurestore.limits import MAX_CANDIDATES, MAX_ROWS
 from featurestore.lookup import Lookup
-from featurestore.retrieval.indexes import ViewIndexes
 from featurestore.store.pipe import RedisPipe
 from featurestore.tasks import cancel_all
 
-__all__ = ["Ranked", "Scored", "Scorer", "Timings"]
+__all__ = ["CandidateSource", "Ranked", "Retrieval", "Scored", "Scorer", "Timings"]
 
 _STAGES = ("queue", "redis", "decode", "retrieval", "matrix", "model", "serialization", "total")
-_STATUS_NAMES = {NOT_FOUND: "NOT_FOUND", 2: "NULL_VALUE", 4: "OUTSIDE_MAX_AGE"}
 
 Entities = Mapping[str, Sequence[Any]]
 RequestValues = Mapping[str, tuple[str, Sequence[Any]]]  # name -> (kind, values)
+Ids = npt.NDArray[np.int64]
+F32 = npt.NDArray[np.float32]
+U8 = npt.NDArray[np.uint8]
+
+
+class CandidateSource(Protocol):
+    """Where Rank retrieves candidates (featurestore.retrieval.search.Candidates over the
+    server's indexes); inference never imports retrieval."""
+
+    async def nearest(
+        self, view: str, *, query_vector: F32 | None, seed_ids: Ids | None, k: int, exclude_seeds: bool
+    ) -> Ids:
+        """The ids of the `k` entities of `view` nearest to `query_vector` or to the mean
+        embedding of `seed_ids` (without the seeds when `exclude_seeds`)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieval:
+    """Rank's candidates by retrieval: the `n_candidates` nearest neighbours in `view`
+    (empty: the model's retrieval_view) of `query_vector`, or of the mean embedding of
+    `seed_ids` (left out of the candidates with `exclude_seeds`)."""
+
+    view: str = ""
+    query_vector: F32 | None = None
+    seed_ids: Ids | None = None
+    n_candidates: int = 0
+    exclude_seeds: bool = True
 
 
 class Timings:
@@ -92,6 +118,7 @@ class _Call:
     """One call in flight: its checked input and, per group, its keys and row count."""
 
     __slots__ = (
+        "counts",
         "dequeued",
         "enqueued",
         "entities",
@@ -116,6 +143,7 @@ class _Call:
         self.entities: Entities = {}  # for error messages only
         self.rows = rows
         self.keys = keys  # per group: (row keys, 1 or rows)
+        self.counts = [count for _, count in keys]  # per group: rows read, 1 or rows
         self.request = request  # matrix column -> values (1 or rows)
         self.future: asyncio.Future[Scored] = asyncio.get_running_loop().create_future()
         self.timings = Timings()
@@ -146,7 +174,8 @@ class Scorer:
         models: the served models.
         lookup: plans and keys of feature reads (its registry is followed).
         pipe: the Redis connection batches read through (one MGET per batch).
-        indexes: retrieval indexes, for Rank by query vector or seed items (optional).
+        candidates: where Rank retrieves candidates by query vector or seed items
+            (None: Rank takes candidate ids only).
     """
 
     def __init__(
@@ -154,10 +183,10 @@ class Scorer:
         models: ModelRegistry,
         lookup: Lookup,
         pipe: RedisPipe,
-        indexes: ViewIndexes | None = None,
+        candidates: CandidateSource | None = None,
     ) -> None:
         self.models = models
-        self._lookup, self._pipe, self._indexes = lookup, pipe, indexes
+        self._lookup, self._pipe, self._candidates = lookup, pipe, candidates
         self._plans: dict[str, tuple[Model, InputPlan]] = {}
         self._batchers: dict[str, tuple[Model, MicroBatcher[_Call, _Batch]]] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -189,21 +218,15 @@ class Scorer:
         model_name: str,
         context: Entities,
         *,
-        candidate_ids: npt.NDArray[np.int64] | None = None,
-        query_vector: npt.NDArray[np.float32] | None = None,
-        seed_ids: npt.NDArray[np.int64] | None = None,
-        retrieval_view: str = "",
-        n_candidates: int = 0,
-        exclude_seeds: bool = True,
+        candidate_ids: Ids | None = None,
+        retrieval: Retrieval | None = None,
         top_n: int = 10,
         request_values: RequestValues | None = None,
         timeout_s: float | None = None,
     ) -> Ranked:
         """The `top_n` best candidates for `context` (e.g. {"user_id": [7]}).
 
-        Candidates are `candidate_ids`, or the `n_candidates` nearest neighbours in
-        `retrieval_view` (default: the model's) of `query_vector` or of the mean
-        embedding of `seed_ids` (left out of the candidates with `exclude_seeds`).
+        Candidates are `candidate_ids`, or what `retrieval` finds (see `Retrieval`).
         """
         started = time.perf_counter()
         model = self.models.get(model_name)
@@ -212,13 +235,14 @@ class Scorer:
             raise InvalidArgument(f"model {model_name!r} declares no candidate_key: it cannot Rank")
         if top_n < 1:
             raise InvalidArgument(f"top_n={top_n}: ask for at least 1")
+        if (candidate_ids is None) == (retrieval is None):
+            raise InvalidArgument("send candidate_ids or retrieval")
         retrieval_s = 0.0
-        if candidate_ids is None:
+        if retrieval is not None:
             t0 = time.perf_counter()
-            candidate_ids = await self._retrieve(
-                model, retrieval_view, query_vector, seed_ids, n_candidates, exclude_seeds
-            )
+            candidate_ids = await self._retrieve(model, retrieval)
             retrieval_s = time.perf_counter() - t0
+        assert candidate_ids is not None
         if not 1 <= candidate_ids.shape[0] <= MAX_CANDIDATES:
             raise InvalidArgument(f"{candidate_ids.shape[0]} candidates: send 1 to {MAX_CANDIDATES}")
         if key in context:
@@ -237,37 +261,19 @@ class Scorer:
             timings,
         )
 
-    async def _retrieve(
-        self,
-        model: Model,
-        view: str,
-        query: npt.NDArray[np.float32] | None,
-        seeds: npt.NDArray[np.int64] | None,
-        k: int,
-        exclude_seeds: bool,
-    ) -> npt.NDArray[np.int64]:
-        if self._indexes is None:
+    async def _retrieve(self, model: Model, retrieval: Retrieval) -> Ids:
+        if self._candidates is None:
             raise InvalidArgument("this server has no retrieval indexes: send candidate_ids")
-        view = view or model.spec.retrieval_view
+        view = retrieval.view or model.spec.retrieval_view
         if not view:
             raise InvalidArgument(f"model {model.spec.name!r} has no retrieval_view: name one")
-        manager = self._indexes.manager(view)
-        if (query is None) == (seeds is None):
-            raise InvalidArgument("retrieval needs exactly one of query_vector and seed_ids")
-        exclude = None
-        if seeds is not None:
-            index = manager.index
-            if index is None or not seeds.size:
-                raise InvalidArgument("seed_ids is empty" if index else f"{view!r} is not built")
-            labels, found = index.labels_of(seeds)
-            if not found.all():
-                raise NotFound(f"view {view!r} has no vector for seed ids {seeds[~found][:10].tolist()}")
-            query = index.vectors[labels].mean(axis=0, dtype=np.float32)
-            exclude = seeds if exclude_seeds else None
-        assert query is not None
-        result = await manager.search(query.reshape(1, -1), k, exclude_ids=exclude)
-        ids: npt.NDArray[np.int64] = result.ids[0]
-        return ids[ids >= 0]
+        return await self._candidates.nearest(
+            view,
+            query_vector=retrieval.query_vector,
+            seed_ids=retrieval.seed_ids,
+            k=retrieval.n_candidates,
+            exclude_seeds=retrieval.exclude_seeds,
+        )
 
     def _plan(self, model: Model) -> InputPlan:
         cached = self._plans.get(model.spec.name)
@@ -435,53 +441,12 @@ def _request_columns(plan: InputPlan, values: RequestValues, n: int) -> dict[int
     return out
 
 
-def _assemble(
-    model: Model,
-    plan: InputPlan,
-    calls: Sequence[_Call],
-    decoded: list[tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8]]],
-) -> _Batch:
+def _assemble(model: Model, plan: InputPlan, calls: Sequence[_Call], decoded: list[tuple[F32, U8]]) -> _Batch:
     """The batch matrix and statuses; calls whose required inputs are missing fail here."""
-    starts = np.cumsum([0] + [c.rows for c in calls]).tolist()
-    total = starts[-1]
-    matrix = np.empty((total, model.spec.width), dtype=np.float32)
-    statuses = np.full((total, model.spec.width), PRESENT, dtype=np.uint8)
-    for g, (values, group_statuses) in enumerate(decoded):
-        gather = _gather(calls, g, total)
-        positions = plan.groups[g].positions
-        if gather is None:
-            matrix[:, positions] = values
-            statuses[:, positions] = group_statuses
-        else:
-            matrix[:, positions] = values[gather]
-            statuses[:, positions] = group_statuses[gather]
-    for j, _ in plan.request:
-        for call, start in zip(calls, starts[:-1], strict=True):
-            given = call.request.get(j)
-            if given is None:
-                statuses[start : start + call.rows, j] = NOT_FOUND
-            else:
-                matrix[start : start + call.rows, j] = given
-    missing = fill_missing(matrix, statuses, plan.defaults)
+    batch = assemble(plan, calls, decoded)
     if plan.required.any():
-        _fail_required(model, plan, calls, starts, missing)
-    return _Batch(model, calls, matrix, statuses, starts[:-1])
-
-
-def _gather(calls: Sequence[_Call], g: int, total: int) -> npt.NDArray[np.intp] | None:
-    """Row of the group's decoded values for every batch row (None: the identity)."""
-    if all(call.keys[g][1] == call.rows for call in calls):
-        return None
-    parts, at = [], 0
-    for call in calls:
-        count = call.keys[g][1]
-        parts.append(
-            np.full(call.rows, at, dtype=np.intp)
-            if count == 1 and call.rows > 1
-            else np.arange(at, at + count, dtype=np.intp)
-        )
-        at += count
-    return np.concatenate(parts)
+        _fail_required(model, plan, calls, batch.starts, batch.missing)
+    return _Batch(model, calls, batch.matrix, batch.statuses, batch.starts[:-1])
 
 
 def _fail_required(

@@ -7,7 +7,7 @@
 
 How an index follows the store. Each view has one worker task that refreshes it when
 asked; requests that arrive while it works merge into one more refresh. A refresh reads
-every live row of the view (`retrieval.scan_vectors`: absent, expired, past-TTL, null
+every live row of the view (`retrieval.vectors.scan_vectors`: absent, expired, past-TTL, null
 and non-finite rows are left out), compares with the live index and
 
     nothing changed              keeps the index (no new generation)
@@ -19,7 +19,7 @@ are asked for by materialization events on the project's pub/sub channel
 (`store.events`), by a registry change, and every `refresh_s` in case an event was lost.
 
 An event that lists the entity ids a run wrote asks for an update instead: only those
-keys are read (`retrieval.read_vectors`, MGET in batches), and
+keys are read (`retrieval.vectors.read_vectors`, MGET in batches), and
 
     present and usable, new or changed     upserted
     absent, expired or unusable now        deleted (if indexed)
@@ -51,8 +51,9 @@ from redis.exceptions import RedisError
 from featurestore.errors import ConfigError, InvalidArgument, Unavailable
 from featurestore.registry import Registry, ViewDef
 from featurestore.retrieval.index import EmbeddingIndex, Ids, check_vectors
-from featurestore.retrieval.manager import IndexManager, read_vectors, scan_vectors
+from featurestore.retrieval.manager import IndexManager
 from featurestore.retrieval.spec import IndexConfig, Vectors
+from featurestore.retrieval.vectors import read_vectors, scan_vectors
 from featurestore.store.events import MAX_EVENT_IDS, parse_event
 from featurestore.store.keys import events_channel
 from featurestore.tasks import cancel_all
@@ -321,7 +322,7 @@ class ViewIndexes:
             start = time.perf_counter()
             try:
                 outcome = await (self.refresh(name) if ids is None else self.update(name, ids))
-            except (Unavailable, RedisError, OSError) as exc:
+            except (Unavailable, OSError) as exc:
                 log.warning("refresh of %s failed (%s); retrying in %.1f s", name, exc, delay)
             except Exception:  # a bad row or a FAISS error must not end the worker
                 log.exception("refresh of %s failed; retrying in %.1f s", name, delay)

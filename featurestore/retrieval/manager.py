@@ -19,14 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from featurestore.errors import ConfigError, InvalidArgument, NotFound, Unavailable
 from featurestore.limits import MAX_K, MAX_QUERIES
@@ -41,8 +39,8 @@ from featurestore.retrieval.index import (
     drop_where,
 )
 from featurestore.retrieval.spec import IndexConfig, Vectors, set_faiss_threads
-from featurestore.store.keys import entity_tokens, row_key, row_keys
-from featurestore.store.layout import DType, decode_rows
+from featurestore.retrieval.vectors import scan_vectors
+from featurestore.store.layout import DType
 
 __all__ = [
     "BuildStats",
@@ -50,8 +48,6 @@ __all__ = [
     "IndexConfig",
     "IndexManager",
     "SearchResult",
-    "read_vectors",
-    "scan_vectors",
     "search_thread",
 ]
 
@@ -356,111 +352,3 @@ class IndexManager:
             raise InvalidArgument(f"{what} holds {array.size} ids; at most {self.config.max_filter_ids} are allowed")
         labels, _ = index.labels_of(array.astype(np.int64, copy=False))
         return labels
-
-
-def _scan_pattern(project: str, view: str) -> bytes:
-    """The SCAN MATCH pattern of a view's row keys, glob characters escaped."""
-    head = row_key(project, view, b"")[:-2]  # b"<project>:<view>:"
-    escaped = b"".join(b"\\" + bytes([c]) if c in b"*?[]\\" else bytes([c]) for c in head)
-    return escaped + b"{*}"
-
-
-async def scan_vectors(
-    client: aioredis.Redis,
-    project: str,
-    view: ViewDef,
-    *,
-    scan_count: int = 1000,
-    now_us: int | None = None,
-) -> tuple[Ids, Vectors]:
-    """Every usable (entity id, vector) of `view` in Redis, read in SCAN batches + MGET.
-
-    `now_us` (microseconds since the epoch) enables the TTL check; by default the
-    current time.
-    """
-    assert view.vector is not None
-    now = int(time.time() * 1e6) if now_us is None else now_us
-    ids: list[Ids] = []
-    vectors: list[Vectors] = []
-    batch: list[bytes] = []
-    skipped = 0
-
-    async def flush() -> None:
-        nonlocal skipped
-        where, column, dropped = _usable(view, await _mget(client, batch), now)
-        skipped += dropped
-        ids.append(np.array([int(batch[i][batch[i].rindex(b"{") + 1 : -1]) for i in where], dtype=np.int64))
-        vectors.append(column)
-        batch.clear()
-
-    try:
-        async for key in client.scan_iter(match=_scan_pattern(project, view.name), count=scan_count):
-            batch.append(key)
-            if len(batch) >= scan_count:
-                await flush()
-    except (RedisError, OSError) as exc:
-        raise Unavailable(f"Redis failed the scan of view {view.name!r}: {exc}") from exc
-    if batch:
-        await flush()
-    if skipped:
-        log.warning("view %s: %d rows left out of the index (null, stale, NaN or zero)", view.name, skipped)
-    all_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
-    all_vectors = np.concatenate(vectors) if vectors else np.empty((0, view.vector.dim), np.float32)
-    # SCAN may return a key twice (during a rehash): keep each entity once.
-    unique_ids, first = np.unique(all_ids, return_index=True)
-    return unique_ids, all_vectors[first]
-
-
-async def read_vectors(
-    client: aioredis.Redis,
-    project: str,
-    view: ViewDef,
-    entity_ids: Ids,
-    *,
-    batch_size: int = 2000,
-    now_us: int | None = None,
-) -> tuple[Ids, Vectors]:
-    """The usable (entity id, vector) rows of `entity_ids` (unique) in `view`, by MGET.
-
-    Reads `batch_size` keys per MGET and decodes each batch off the event loop; rows
-    are left out exactly as `scan_vectors` leaves them out (absent, stale schema, null,
-    past the TTL at `now_us` (default now), non-finite, zero under cosine).
-
-    >>> ids, vectors = await read_vectors(client, "recsys", view, np.array([7, 9]))
-    """
-    assert view.vector is not None
-    now = int(time.time() * 1e6) if now_us is None else now_us
-    ids: list[Ids] = [np.empty(0, np.int64)]
-    vectors: list[Vectors] = [np.empty((0, view.vector.dim), np.float32)]
-    for start in range(0, entity_ids.shape[0], batch_size):
-        part = entity_ids[start : start + batch_size]
-        keys = row_keys(project, view.name, entity_tokens([part.tolist()]))
-        values = await _mget(client, keys)
-        where, column, _ = await asyncio.to_thread(_usable, view, values, now)
-        ids.append(part[where])
-        vectors.append(column)
-    return np.concatenate(ids), np.concatenate(vectors)
-
-
-def _usable(view: ViewDef, values: list[bytes | None], now_us: int) -> tuple[Ids, Vectors, int]:
-    """Decode MGET `values` of `view`: the positions of the usable rows, their vectors
-    (float32), and how many present rows were left out."""
-    assert view.vector is not None
-    feature = view.vector.feature
-    rows = decode_rows(view.layout, values)
-    keep = rows.found & ~rows.nulls[:, view.layout.names.index(feature)]
-    if view.ttl_s:
-        keep &= rows.event_ts_us + int(view.ttl_s * 1e6) >= now_us
-    column = rows.columns[feature]
-    keep &= np.isfinite(column).all(axis=1)
-    if view.vector.metric == "cosine":
-        keep &= np.linalg.norm(column, axis=1) > 0
-    where = np.flatnonzero(keep)
-    return where, column[where].astype(np.float32, copy=False), int((rows.found & ~keep).sum())
-
-
-async def _mget(client: aioredis.Redis, keys: list[bytes]) -> list[bytes | None]:
-    try:
-        return await client.mget(keys)  # type: ignore[no-any-return]
-    except (RedisError, OSError) as exc:
-        raise Unavailable(f"Redis failed a read while building an index: {exc}") from exc

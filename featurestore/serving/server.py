@@ -1,16 +1,25 @@
-"""The gRPC server: the FeatureStore servicer, health, reflection, registry refresh.
+"""The server's life cycle: build every part, serve gRPC, stay fresh, drain on stop.
 
-The servicer only translates: proto request -> `Lookup` -> proto response. Errors are
-raised and mapped to statuses by `interceptors.ErrorInterceptor`.
+    server = FeatureServer(settings)
+    port = await server.start()      # bound and answering; SERVING once warm
+    ...
+    await server.stop()              # NOT_SERVING, drain within grace_s, close everything
 
-Life cycle (`FeatureServer`): start -> health NOT_SERVING -> the registry is loaded and
-Redis answers PING -> SERVING. A background task re-reads the registry every
-`registry_refresh_s` off the event loop and swaps it in when its fingerprint changed
-(`feast apply` needs no restart). With `cache_bytes` > 0 the hot-key cache
-(hotcache.py) follows materialization events from start-up, is warmed with the fleet's hot
-set within `warm_budget_s` before SERVING, and publishes this server's hot keys every
-`hot_publish_s`. On stop: NOT_SERVING, then in-flight calls drain
-within the grace period.
+This module is the composition root: it builds the Redis connections (store/), the lookup,
+the hot-key cache (cache/), the retrieval indexes (retrieval/), the models (inference/) and
+the servicers (servicers.py) that translate between them and gRPC, with health, reflection
+and the one error interceptor (interceptors.py).
+
+Start: health NOT_SERVING -> the registry is loaded, Redis answers PING, the cache is warm
+(within `warm_budget_s`) and every embedding view has an index -> SERVING. Everything
+started is registered on an exit stack, so a start that fails part-way (a port already
+taken, a broken models.yaml) closes what it had opened and leaves no task running. A
+background task re-reads the registry every `registry_refresh_s` off the event loop and
+swaps it in when its fingerprint changed (`feast apply` needs no restart); models.yaml is
+re-read with it.
+
+Stop: NOT_SERVING, then in-flight calls drain within the grace period, then every part
+closes in the reverse order of its start.
 """
 
 from __future__ import annotations
@@ -18,14 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from typing import Any
+from contextlib import AsyncExitStack
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from featurestore import metrics
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
@@ -33,21 +40,22 @@ from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
 from featurestore.cache.hotcache import HotCache
 from featurestore.config import Settings
 from featurestore.errors import ConfigError, Unavailable
+from featurestore.inference.models import MODELS_FILE
+from featurestore.inference.runtime import ModelRegistry
+from featurestore.inference.scoring import Scorer
 from featurestore.limits import MAX_MESSAGE_BYTES
 from featurestore.lookup import Lookup
-from featurestore.registry import load_registry
+from featurestore.registry import Registry, load_registry
 from featurestore.retrieval.indexes import ViewIndexes
-from featurestore.retrieval.search import search_similar
+from featurestore.retrieval.search import Candidates
 from featurestore.retrieval.spec import IndexConfig
-from featurestore.serving import wire
-from featurestore.serving.admin import AdminServicer
-from featurestore.serving.inference_rpc import InferenceRpc
 from featurestore.serving.interceptors import ErrorInterceptor
+from featurestore.serving.servicers import AdminServicer, FeatureStoreServicer
 from featurestore.store.pipe import RedisPipe
-from featurestore.store.redis import connect
+from featurestore.store.redis import connect, ping
 from featurestore.tasks import cancel_all
 
-__all__ = ["SERVICE_NAME", "FeatureServer", "FeatureStoreServicer", "run"]
+__all__ = ["SERVICE_NAME", "FeatureServer", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -55,95 +63,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureStore"].full_name
 ADMIN_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureStoreAdmin"].full_name
 
 
-class FeatureStoreServicer(pb_grpc.FeatureStoreServicer):
-    """Translates GetOnlineFeatures between protobuf and `Lookup`, and SearchSimilar
-    between protobuf and `search.search_similar`."""
-
-    def __init__(
-        self,
-        lookup: Lookup,
-        redis_timeout_s: float,
-        indexes: ViewIndexes | None = None,
-        inference: InferenceRpc | None = None,
-    ) -> None:
-        self._lookup = lookup
-        self._redis_timeout_s = redis_timeout_s
-        self._indexes = indexes
-        self._inference = inference  # Predict and Rank (inference_rpc.py)
-
-    async def Predict(self, request: pb.PredictRequest, context: aio.ServicerContext[Any, Any]) -> pb.PredictResponse:
-        if self._inference is None:
-            raise Unavailable("this server serves no models")
-        return await self._inference.predict(request, context)
-
-    async def Rank(self, request: pb.RankRequest, context: aio.ServicerContext[Any, Any]) -> pb.RankResponse:
-        if self._inference is None:
-            raise Unavailable("this server serves no models")
-        return await self._inference.rank(request, context)
-
-    async def GetOnlineFeatures(
-        self, request: pb.GetOnlineFeaturesRequest, context: aio.ServicerContext[Any, Any]
-    ) -> pb.GetOnlineFeaturesResponse:
-        entities = wire.entities(request.entities)
-        remaining = context.time_remaining()
-        # The socket timeout bounds every Redis call; a shorter caller deadline wins.
-        timeout_s = remaining if remaining is not None and remaining < self._redis_timeout_s else None
-        result = await self._lookup.get_online_features(
-            entities,
-            request.features,
-            full_feature_names=request.full_feature_names,
-            timeout_s=timeout_s,
-        )
-        start = time.perf_counter()
-        response = wire.features_response(result)
-        plan_s, redis_s, decode_s = result.timings_s
-        metrics.STAGE_PLAN.observe(plan_s)
-        metrics.STAGE_REDIS.observe(redis_s)
-        metrics.STAGE_DECODE.observe(decode_s)
-        metrics.STAGE_RESPONSE.observe(time.perf_counter() - start)
-        return response
-
-    async def SearchSimilar(
-        self, request: pb.SearchSimilarRequest, context: aio.ServicerContext[Any, Any]
-    ) -> pb.SearchSimilarResponse:
-        if self._indexes is None:
-            raise Unavailable("this server has no retrieval indexes")
-        query = request.WhichOneof("query")
-        remaining = context.time_remaining()
-        result = await search_similar(
-            self._indexes,
-            self._lookup,
-            request.view,
-            k=request.k,
-            query_vectors=request.query_vectors if query == "query_vectors" else None,
-            query_count=request.query_count,
-            query_ids=request.query_ids if query == "query_ids" else None,
-            exclude_query_entity=request.exclude_query_entity,
-            allow_ids=request.allow_ids if request.HasField("allow_ids") else None,
-            exclude_ids=request.exclude_ids,
-            features=list(request.features),
-            full_feature_names=request.full_feature_names,
-            timeout_s=remaining if remaining is not None and remaining < self._redis_timeout_s else None,
-        )
-        q, k = result.ids.shape
-        return pb.SearchSimilarResponse(
-            query_count=q,
-            k=k,
-            ids=result.ids.astype("<i8", copy=False).tobytes(),
-            scores=result.scores.astype("<f4", copy=False).tobytes(),
-            metric=result.metric,
-            index_generation=result.generation,
-            features=None if result.features is None else wire.features_response(result.features),
-        )
-
-
 class FeatureServer:
-    """One server process: gRPC on `settings.address`, a Lookup, the refresh task.
+    """One server process: gRPC on `settings.address` and everything behind it.
 
-    server = FeatureServer(settings)
-    port = await server.start()
-    ...
-    await server.stop()
+    After `start`, `lookup`, `indexes`, `scorer` and `cache` (None when off) are the
+    running parts, for tests and operations.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -151,24 +75,32 @@ class FeatureServer:
         self.health = health.aio.HealthServicer()
         self.lookup: Lookup | None = None
         self.indexes: ViewIndexes | None = None
-        self.inference: InferenceRpc | None = None
+        self.scorer: Scorer | None = None
         self.cache: HotCache | None = None
-        self.redis: Redis | None = None
         self.port = 0
         self._server: aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._parts = AsyncExitStack()  # what `stop` closes, in reverse order of start
 
     async def start(self) -> int:
-        """Load the registry, bind, start serving; returns the bound port.
+        """Load the registry, build every part, bind and serve; returns the bound port.
 
-        Health turns SERVING once Redis answers a PING (retried in the background).
+        Health turns SERVING in the background once Redis answers, the cache is warm and
+        the indexes are built. On any failure everything started so far is closed and
+        the error propagates (ConfigError for a port that cannot be bound).
         """
+        async with AsyncExitStack() as parts:
+            await self._start_parts(parts)
+            self._parts = parts.pop_all()
+        return self.port
+
+    async def _start_parts(self, parts: AsyncExitStack) -> None:
         settings = self.settings
         registry = await asyncio.to_thread(load_registry, settings.repo)
-        # redis-py for everything but the read hot path, which has its own pipelined
-        # connection (store/pipe.py: a quarter of a lookup's budget saved).
-        redis = self.redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
-        pipe = RedisPipe.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        # redis-py for PING; the read hot path has its own pipelined connection
+        # (store/pipe.py: a quarter of a lookup's budget saved).
+        redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        parts.push_async_callback(redis.aclose)
         if settings.cache_bytes > 0:
             self.cache = HotCache(
                 registry.project,
@@ -178,35 +110,60 @@ class FeatureServer:
                 max_age_s=settings.cache_max_age_s,
                 publish_s=settings.hot_publish_s,
             )
+            parts.push_async_callback(self.cache.close)
             self.cache.start()
+        pipe = RedisPipe.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
         self.lookup = Lookup(pipe, registry, max_rows=settings.max_rows, cache=self.cache)
+        parts.push_async_callback(self.lookup.close)
         self.indexes = ViewIndexes(
             registry, settings.redis_url, _index_config(settings), refresh_s=settings.index_refresh_s
         )
+        parts.push_async_callback(self.indexes.close)
         self.indexes.start()
-        self.inference = await InferenceRpc.start(
-            settings.repo, registry, self.lookup, settings.redis_url, settings.redis_timeout_s, self.indexes
-        )
+        self.scorer = await self._start_scorer(parts, registry, self.lookup, self.indexes)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self._server = self._build_server(self.lookup)
-        self.port = self._server.add_insecure_port(settings.address)
+        self._server = self._build_server()
+        parts.push_async_callback(self._stop_server, 0.0)  # a failed start drains nothing
+        try:
+            self.port = self._server.add_insecure_port(settings.address)
+        except RuntimeError as exc:  # grpc's way of saying the bind failed
+            self.port = 0
+            cause: Exception | None = exc
+        else:
+            cause = None
         if self.port == 0:
-            raise ConfigError(f"cannot bind gRPC to {settings.address}")
+            raise ConfigError(
+                f"cannot bind gRPC to {settings.address}: the port is taken or the address is wrong"
+            ) from cause
         await self._server.start()
+        parts.push_async_callback(cancel_all, self._tasks)
         self._tasks.append(asyncio.create_task(self._become_ready(redis)))
         if settings.registry_refresh_s > 0:
             self._tasks.append(asyncio.create_task(self._refresh_forever()))
         log.info("featurestore listening on %s:%d", settings.host, self.port)
-        return self.port
 
-    def _build_server(self, lookup: Lookup) -> aio.Server:
+    async def _start_scorer(
+        self, parts: AsyncExitStack, registry: Registry, lookup: Lookup, indexes: ViewIndexes
+    ) -> Scorer:
+        """The models of the repo's models.yaml (a model that fails is logged, not served);
+        batches read through a pipelined Redis connection of their own."""
+        models = ModelRegistry(self.settings.repo / MODELS_FILE, registry)
+        parts.callback(models.close)
+        await models.load_all()
+        pipe = RedisPipe.from_url(self.settings.redis_url, timeout_s=self.settings.redis_timeout_s)
+        scorer = Scorer(models, lookup, pipe, Candidates(indexes))
+        parts.push_async_callback(scorer.close)
+        return scorer
+
+    def _build_server(self) -> aio.Server:
+        assert self.lookup is not None
         options = [
             ("grpc.so_reuseport", 1 if self.settings.workers > 1 else 0),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
         server = aio.server(interceptors=[ErrorInterceptor()], options=options)
-        servicer = FeatureStoreServicer(lookup, self.settings.redis_timeout_s, self.indexes, self.inference)
+        servicer = FeatureStoreServicer(self.lookup, self.settings.redis_timeout_s, self.indexes, self.scorer)
         pb_grpc.add_FeatureStoreServicer_to_server(servicer, server)
         pb_grpc.add_FeatureStoreAdminServicer_to_server(AdminServicer(self.cache), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -220,14 +177,14 @@ class FeatureServer:
         await self.health.set("", status)
         await self.health.set(SERVICE_NAME, status)
 
-    async def _become_ready(self, redis: Any) -> None:
+    async def _become_ready(self, redis: Redis) -> None:
         delay = 0.05
         while True:
             try:
-                await redis.ping()
+                await ping(redis)
                 break
-            except (RedisError, OSError) as exc:
-                log.warning("Redis does not answer PING yet (%s); retrying", exc)
+            except Unavailable as exc:
+                log.warning("%s; retrying", exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
         if self.cache is not None:  # listening first: an event during warm-up counts
@@ -240,7 +197,8 @@ class FeatureServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     async def reload(self) -> bool:
-        """Re-read the registry off the event loop; True when a changed one was swapped in."""
+        """Re-read the registry (and models.yaml) off the event loop; True when a changed
+        registry was swapped in."""
         assert self.lookup is not None, "start() first"
         registry = await asyncio.to_thread(load_registry, self.settings.repo)
         swapped = self.lookup.swap(registry)
@@ -248,8 +206,8 @@ class FeatureServer:
             log.info("registry changed: now serving fingerprint %s", registry.fingerprint)
             if self.indexes is not None:
                 self.indexes.sync(registry)
-        if self.inference is not None:  # models.yaml changes are picked up here too
-            await self.inference.reload(registry)
+        if self.scorer is not None:  # models.yaml changes are picked up here too
+            await self.scorer.models.reload(registry)
         return swapped
 
     async def _refresh_forever(self) -> None:
@@ -261,23 +219,18 @@ class FeatureServer:
                 log.exception("registry reload failed; still serving the previous one")
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """NOT_SERVING, then let in-flight calls finish within `grace_s` and stop."""
+        """NOT_SERVING, then let in-flight calls finish within `grace_s` (default the
+        settings'), then close every part."""
         await cancel_all(self._tasks)
         self._tasks.clear()
         await self.health.enter_graceful_shutdown()
+        await self._stop_server(self.settings.grace_s if grace_s is None else grace_s)
+        await self._parts.aclose()
+
+    async def _stop_server(self, grace_s: float) -> None:
         if self._server is not None:
-            await self._server.stop(self.settings.grace_s if grace_s is None else grace_s)
+            await self._server.stop(grace_s)
             self._server = None
-        if self.inference is not None:
-            await self.inference.close()
-        if self.lookup is not None:
-            await self.lookup.close()
-        if self.cache is not None:
-            await self.cache.close()
-        if self.indexes is not None:
-            await self.indexes.close()
-        if self.redis is not None:
-            await self.redis.aclose()
 
     async def wait(self) -> None:
         if self._server is not None:

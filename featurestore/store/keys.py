@@ -33,6 +33,7 @@ __all__ = [
     "meta_key",
     "row_key",
     "row_keys",
+    "view_key_pattern",
     "watermark_key",
 ]
 
@@ -69,6 +70,13 @@ def row_key(project: str, view: str, token: bytes) -> bytes:
 def row_keys(project: str, view: str, tokens: Iterable[bytes]) -> list[bytes]:
     head = b"%s:%s:{" % (project.encode(), view.encode())
     return [head + t + b"}" for t in tokens]
+
+
+def view_key_pattern(project: str, view: str) -> bytes:
+    """The SCAN MATCH pattern of every row key of `view`, glob characters escaped."""
+    head = row_key(project, view, b"")[:-2]  # b"<project>:<view>:"
+    escaped = b"".join(b"\\" + bytes([c]) if c in b"*?[]\\" else bytes([c]) for c in head)
+    return escaped + b"{*}"
 
 
 def meta_key(project: str, *parts: str) -> bytes:

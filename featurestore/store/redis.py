@@ -1,4 +1,5 @@
-"""The online store's two operations on Redis: the one-round-trip read and the guarded write.
+"""The online store's operations on Redis: the one-round-trip read, the guarded write, and
+the bulk reads of background work (SCAN in batches, MGET, PING) through redis-py.
 
 Reads are one MGET for every key a request needs, whatever the number of views, sent on
 a pipelined connection (store/pipe.py).
@@ -9,7 +10,7 @@ any time). Redis errors are translated here into `Unavailable`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -20,7 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from featurestore.errors import Unavailable
 from featurestore.store.pipe import RedisPipe
 
-__all__ = ["GUARDED_SET", "WriteCounts", "connect", "guarded_write", "read_rows"]
+__all__ = ["GUARDED_SET", "WriteCounts", "connect", "guarded_write", "mget", "ping", "read_rows", "scan_keys"]
 
 # KEYS: the row keys of one batch.
 # ARGV[1]: expiry after the event time in milliseconds (0: no expiry); ARGV[2 .. n+1]: the
@@ -61,6 +62,40 @@ def connect(url: str, *, timeout_s: float = 2.0, max_connections: int = 64) -> a
         decode_responses=False,
         health_check_interval=0,
     )
+
+
+async def ping(client: aioredis.Redis) -> None:
+    """PING; Unavailable when Redis does not answer."""
+    try:
+        await client.ping()  # type: ignore[misc]
+    except (RedisError, OSError) as exc:
+        raise Unavailable(f"Redis does not answer PING: {exc}") from exc
+
+
+async def mget(client: aioredis.Redis, keys: Sequence[bytes]) -> list[bytes | None]:
+    """The values at `keys` (None where absent) in one MGET; Unavailable when Redis fails."""
+    try:
+        return await client.mget(keys)  # type: ignore[no-any-return]
+    except (RedisError, OSError) as exc:
+        raise Unavailable(f"Redis failed a read of {len(keys)} keys: {exc}") from exc
+
+
+async def scan_keys(
+    client: aioredis.Redis, pattern: bytes, *, count: int = 1000, what: str = ""
+) -> AsyncIterator[list[bytes]]:
+    """Every key matching `pattern`, in the batches SCAN returns (`count` is its hint);
+    a key may come twice if Redis rehashes meanwhile. Unavailable when Redis fails,
+    naming `what` was scanned (default: the pattern)."""
+    cursor = 0
+    while True:
+        try:
+            cursor, keys = await client.scan(cursor, match=pattern, count=count)
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"Redis failed the scan of {what or repr(pattern)}: {exc}") from exc
+        if keys:
+            yield keys
+        if cursor == 0:
+            return
 
 
 async def read_rows(pipe: RedisPipe, keys: Sequence[bytes]) -> list[bytes | None]:

@@ -299,27 +299,27 @@ async def test_batching_on_and_off_give_the_same_scores(stub: pb_grpc.FeatureSto
 async def test_a_bad_model_file_never_replaces_a_working_one(
     repo: Path, server: FeatureServer, stub: pb_grpc.FeatureStoreStub
 ) -> None:
-    assert server.inference is not None
-    models: ModelRegistry = server.inference.scorer.models
+    assert server.scorer is not None
+    models: ModelRegistry = server.scorer.models
     before = models.get("swap").version
     path = repo / "models/swap.onnx"
     good = path.read_bytes()
     try:
         for bad in (b"not an onnx file", linear_model(WIDTH - 1, 1.0)):
             path.write_bytes(bad)
-            outcome = await server.inference.reload()
+            outcome = await server.scorer.models.reload()
             assert outcome["swap"].startswith("failed"), outcome
             assert models.get("swap").version == before
             response = await stub.Predict(predict_request("swap", 1, [1, 2]))
             assert len(scores_of(response)) == 2
         path.write_bytes(linear_model(WIDTH, 0.0))  # a good new version is swapped in
-        assert (await server.inference.reload())["swap"].startswith("loaded")
+        assert (await server.scorer.models.reload())["swap"].startswith("loaded")
         assert models.get("swap").version != before
         response = await stub.Predict(predict_request("swap", 1, [1, 2]))
         assert scores_of(response).tolist() == [0.0, 0.0]
     finally:
         path.write_bytes(good)
-        await server.inference.reload()
+        await server.scorer.models.reload()
 
 
 async def test_a_model_that_never_loaded_is_failed_precondition(repo: Path) -> None:

@@ -8,6 +8,7 @@ them (encode_rows + guarded_write).
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from featurestore import AsyncClient, Client
 from featurestore.config import Settings
 from featurestore.decode import NOT_FOUND, NULL_VALUE, OUTSIDE_MAX_AGE, PRESENT
 from featurestore.embedded import EmbeddedRedis
-from featurestore.errors import FeatureStoreError
+from featurestore.errors import ConfigError, FeatureStoreError
 from featurestore.registry import load_registry
 from featurestore.serving.server import SERVICE_NAME, FeatureServer
 from featurestore.store import keys
@@ -307,3 +308,33 @@ async def test_redis_down_is_unavailable_and_the_server_recovers(repo: Path, tmp
     finally:
         await server.stop(0)
         redis.stop()
+
+
+async def _connections(redis: aioredis.Redis) -> int:
+    return len(await redis.client_list())
+
+
+async def test_a_failed_start_closes_everything_it_started(
+    repo: Path, redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """The port is taken, so start fails after the cache, the indexes and the models
+    started: nothing of it may keep running or keep a Redis connection open."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        tasks_before = asyncio.all_tasks()
+        connections_before = await _connections(redis_client)
+        server = FeatureServer(
+            Settings(repo=repo, redis_url=redis_url, host="127.0.0.1", port=port, registry_refresh_s=0)
+        )
+        with pytest.raises(ConfigError, match=f"cannot bind gRPC to 127.0.0.1:{port}"):
+            await server.start()
+    assert server.cache is not None and server.indexes is not None and server.scorer is not None  # they had started
+    await asyncio.sleep(0.05)  # cancelled tasks finish
+    assert asyncio.all_tasks() - tasks_before == set()
+    for _ in range(100):  # Redis notices closed sockets within a few ms
+        if await _connections(redis_client) <= connections_before:
+            break
+        await asyncio.sleep(0.02)
+    assert await _connections(redis_client) <= connections_before
