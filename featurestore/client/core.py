@@ -116,7 +116,7 @@ def online_features_request(
 
 def _entity_columns(entities: Mapping[str, Any]) -> list[pb.EntityColumn]:
     """One column per join key: strings for a str (or bytes) array or a column whose first
-    value is a str, int64 otherwise (a wrong type fails in protobuf, naming the field)."""
+    value is a str, int64 otherwise (other types fail in protobuf with a TypeError)."""
     columns = []
     for name, values in entities.items():
         if isinstance(values, np.ndarray):
