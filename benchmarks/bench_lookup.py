@@ -31,7 +31,7 @@ from grpc import aio
 from harness import Stats, latency, print_table, run_on_uvloop, throughput, write_results
 
 from featurestore import AsyncClient
-from featurestore.client import _request
+from featurestore.client.core import online_features_request
 from featurestore.embedded import EmbeddedRedis, free_port
 from featurestore.registry import Registry, load_registry
 from featurestore.store import keys
@@ -181,7 +181,7 @@ async def measure_size(
             f"127.0.0.1:{echo_port}", options=[("grpc.max_receive_message_length", -1)]
         ) as echo_channel,
     ):
-        request = _request(ents, FEATURES, False)
+        request = online_features_request(ents, FEATURES, False)
         stub_response = await client._stub.GetOnlineFeatures(request)
         sizes = (request.ByteSize(), stub_response.ByteSize())
         echo = echo_channel.unary_unary("/bench.Echo/Echo")

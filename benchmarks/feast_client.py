@@ -85,7 +85,7 @@ async def run_grpc(spec: Spec) -> dict[str, Any]:
     from grpc import aio
 
     from featurestore import AsyncClient
-    from featurestore.client import _request
+    from featurestore.client.core import online_features_request
 
     results: dict[str, Any] = {}
     redis = aioredis.Redis.from_url(spec["redis_url"])
@@ -98,7 +98,7 @@ async def run_grpc(spec: Spec) -> dict[str, Any]:
         echo = echo_channel.unary_unary("/bench.Echo/Echo")
         for case in spec["cases"]:
             ents, refs = entities(case), case["features"]
-            request = _request(ents, refs, False)
+            request = online_features_request(ents, refs, False)
             response = await client._stub.GetOnlineFeatures(request)
             sizes = (request.ByteSize(), response.ByteSize())
             payload = sizes[1].to_bytes(8, "little") + bytes(max(sizes[0] - 8, 0))

@@ -7,6 +7,8 @@ from featurestore.errors import (
     FeatureStoreError,
     InvalidArgument,
     LockHeld,
+    MissingFeature,
+    ModelError,
     NotFound,
     Unavailable,
 )
@@ -21,6 +23,8 @@ __all__ = [
     "FeatureStoreError",
     "InvalidArgument",
     "LockHeld",
+    "MissingFeature",
+    "ModelError",
     "NotFound",
     "OnlineFeatures",
     "Unavailable",

@@ -1,17 +1,22 @@
 """The errors of the feature store. Each one knows the gRPC status it maps to.
 
-    FeatureStoreError                 INTERNAL
-    ├── InvalidArgument               INVALID_ARGUMENT  (bad key type, empty batch, bad ref)
-    ├── NotFound                      NOT_FOUND         (unknown view, feature, service)
-    ├── Unavailable                   UNAVAILABLE       (Redis or PostgreSQL unreachable)
-    ├── DeadlineExceeded              DEADLINE_EXCEEDED (the caller's deadline passed)
-    ├── ConfigError                   FAILED_PRECONDITION (bad settings, missing registry)
+    FeatureStoreError                 INTERNAL            (canonical for INTERNAL and unknown codes)
+    ├── InvalidArgument               INVALID_ARGUMENT    (bad key type, empty batch, bad ref)
+    ├── NotFound                      NOT_FOUND           (unknown view, feature, service, model)
+    ├── Unavailable                   UNAVAILABLE         (Redis or PostgreSQL unreachable)
+    ├── DeadlineExceeded              DEADLINE_EXCEEDED   (the caller's deadline passed)
+    ├── ConfigError                   FAILED_PRECONDITION (bad settings, missing registry; canonical)
+    ├── LockHeld                      ABORTED             (another materialization runs)
     ├── MissingFeature                FAILED_PRECONDITION (a required model input is absent)
-    ├── ModelError                    INTERNAL          (the model raised while scoring)
-    └── LockHeld                      ABORTED           (another materialization runs)
+    └── ModelError                    INTERNAL            (the model raised while scoring)
 
 Library errors are translated at the boundary (`raise NotFound(...) from exc`), so upper
-layers see this tree only. The server maps them to statuses in one interceptor.
+layers see this tree only. The server maps them to statuses in one interceptor, which
+also sends the class name in the trailing metadata `ERROR_METADATA_KEY`; the client turns
+status and name back into the class with `error_class`. The table both sides use is
+derived from the classes below: no second copy to keep in step. Where two classes share a
+status, the first one declared here is the status's canonical class (what a status
+without a known name becomes), so a new class goes below the one it shares a status with.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import grpc
 
 __all__ = [
+    "ERROR_METADATA_KEY",
     "ConfigError",
     "DeadlineExceeded",
     "FeatureStoreError",
@@ -28,7 +34,11 @@ __all__ = [
     "ModelError",
     "NotFound",
     "Unavailable",
+    "error_class",
 ]
+
+# Trailing-metadata key of a failed call: the name of the error class the server raised.
+ERROR_METADATA_KEY = "featurestore-error"
 
 
 class FeatureStoreError(Exception):
@@ -69,3 +79,37 @@ class MissingFeature(FeatureStoreError):
 
 class ModelError(FeatureStoreError):
     """The model raised while scoring (INTERNAL, with ONNX Runtime's message)."""
+
+
+# Every class above, in declaration order (module globals keep it). Names come from the
+# wire, so only these classes can ever be chosen by one.
+_CLASSES: tuple[type[FeatureStoreError], ...] = tuple(
+    value for value in tuple(globals().values()) if isinstance(value, type) and issubclass(value, FeatureStoreError)
+)
+_BY_NAME: dict[str, type[FeatureStoreError]] = {cls.__name__: cls for cls in _CLASSES}
+# Status name -> canonical class: built backwards so the first class declared wins.
+_CANONICAL: dict[str, type[FeatureStoreError]] = {cls.status.name: cls for cls in reversed(_CLASSES)}
+
+
+def error_class(code_name: str, error_name: str | None = None) -> type[FeatureStoreError]:
+    """The error class for a failed call's status code and the class name the server sent.
+
+    Parameters:
+        code_name: the gRPC status code's name, e.g. "FAILED_PRECONDITION".
+        error_name: the value of the `ERROR_METADATA_KEY` trailing metadata, if any.
+
+    Returns the class named `error_name` when it is one of this module's and its status is
+    `code_name`; else the status's canonical class (the first declared with that status);
+    FeatureStoreError for a code no class declares.
+
+    >>> error_class("FAILED_PRECONDITION", "MissingFeature").__name__
+    'MissingFeature'
+    >>> error_class("FAILED_PRECONDITION", None).__name__
+    'ConfigError'
+    >>> error_class("NOT_FOUND", "MissingFeature").__name__  # the status must match
+    'NotFound'
+    """
+    cls = _BY_NAME.get(error_name) if error_name is not None else None
+    if cls is not None and cls.status.name == code_name:
+        return cls
+    return _CANONICAL.get(code_name, FeatureStoreError)

@@ -1,6 +1,7 @@
 """The one place where errors become gRPC statuses, and where calls are counted and timed.
 
-    FeatureStoreError subclass   -> its own `status` (errors.py), with its message
+    FeatureStoreError subclass   -> its own `status` (errors.py), with its message and its
+                                    class name in the trailing metadata ERROR_METADATA_KEY
     the caller's deadline passed -> DEADLINE_EXCEEDED
     anything else                -> INTERNAL (logged with its traceback)
 
@@ -19,7 +20,7 @@ import grpc
 from grpc import aio
 
 from featurestore import metrics
-from featurestore.errors import FeatureStoreError
+from featurestore.errors import ERROR_METADATA_KEY, FeatureStoreError
 
 __all__ = ["ErrorInterceptor"]
 
@@ -65,7 +66,7 @@ def _guard(behavior: Behavior, method: str) -> Behavior:
         try:
             response = await behavior(request, context)
         except FeatureStoreError as exc:
-            await _abort(context, method, exc.status, str(exc))
+            await _abort(context, method, exc.status, str(exc), type(exc).__name__)
         except aio.AbortError:
             raise
         except Exception as exc:
@@ -85,6 +86,19 @@ def _deadline_passed(context: aio.ServicerContext[Any, Any]) -> bool:
     return remaining is not None and remaining <= 0
 
 
-async def _abort(context: aio.ServicerContext[Any, Any], method: str, code: grpc.StatusCode, message: str) -> None:
+async def _abort(
+    context: aio.ServicerContext[Any, Any],
+    method: str,
+    code: grpc.StatusCode,
+    message: str,
+    error_name: str | None = None,
+) -> None:
+    """Counts the call and ends it with `code` and `message`.
+
+    `error_name`, the FeatureStoreError class raised, goes in the trailing metadata: two
+    classes may share a status (MissingFeature and ConfigError: FAILED_PRECONDITION), and
+    the client raises the class itself, not the status's canonical one.
+    """
     metrics.REQUESTS.labels(method, code.name).inc()
-    await context.abort(code, message)
+    metadata = () if error_name is None else ((ERROR_METADATA_KEY, error_name),)
+    await context.abort(code, message, trailing_metadata=metadata)

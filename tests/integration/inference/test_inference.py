@@ -421,6 +421,32 @@ async def test_bad_input_gets_a_clear_status_and_the_server_keeps_serving(
     assert len(scores_of(await stub.Predict(predict_request("ranker", 1, [1, 2])))) == 2
 
 
+async def test_a_missing_required_input_arrives_on_the_client_as_missing_feature(server: FeatureServer) -> None:
+    from featurestore import AsyncClient, Client, MissingFeature
+
+    target = f"127.0.0.1:{server.port}"
+    entities = {"user_id": [1], "item_id": [1, 2, 10_001]}
+    words = "item_stats:price, but it is missing, null or stale for item_id=10001"
+    async with AsyncClient(target) as client:
+        with pytest.raises(MissingFeature) as caught:
+            await client.predict("strict", entities, request_values={"hour_of_day": [9]})
+        assert type(caught.value) is MissingFeature and not isinstance(caught.value, ConfigError)
+        assert str(caught.value).startswith("FAILED_PRECONDITION: ")
+        assert words in str(caught.value)
+        assert isinstance(caught.value.__cause__, grpc.RpcError)
+        with pytest.raises(MissingFeature, match="item_id=10001"):
+            await client.rank(
+                "strict", {"user_id": [1]}, candidate_ids=[1, 10_001], request_values={"hour_of_day": [9]}
+            )
+
+    def blocking_predict() -> None:  # the server shares this event loop: call from a thread
+        with Client(target) as sync_client:
+            sync_client.predict("strict", entities, request_values={"hour_of_day": [9]})
+
+    with pytest.raises(MissingFeature, match="item_id=10001"):
+        await asyncio.to_thread(blocking_predict)
+
+
 async def test_the_clients_predict_and_rank_match_the_direct_model(
     server: FeatureServer, spec: ModelSpec, data: Any
 ) -> None:
