@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
-import numpy.typing as npt
 
 from featurestore.decode import LookupResult, RequestPlan, decode
 from featurestore.errors import DeadlineExceeded, InvalidArgument
@@ -31,12 +30,12 @@ from featurestore.store import keys
 from featurestore.store.layout import DType
 from featurestore.store.pipe import RedisPipe
 from featurestore.store.redis import read_rows
+from featurestore.types import Entities
 
-__all__ = ["Entities", "Fetch", "Lookup", "RowSource"]
+__all__ = ["Fetch", "Lookup", "RowSource"]
 
 _PLAN_CACHE_SIZE = 512
 
-Entities = Mapping[str, Sequence[int] | Sequence[str] | npt.NDArray[Any]]
 Fetch = Callable[[list[bytes]], Awaitable[list[bytes | None]]]
 
 

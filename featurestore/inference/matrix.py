@@ -29,11 +29,9 @@ from featurestore.decode import NOT_FOUND, PRESENT, LookupResult, RequestPlan
 from featurestore.inference.models import InputColumn, ModelSpec
 from featurestore.lookup import Lookup
 from featurestore.store.layout import DType
+from featurestore.types import Floats, Statuses
 
 __all__ = ["BatchMatrix", "BatchPart", "InputGroup", "InputPlan", "assemble", "fill_missing"]
-
-F32 = npt.NDArray[np.float32]
-U8 = npt.NDArray[np.uint8]
 
 
 class InputGroup:
@@ -66,7 +64,7 @@ class InputGroup:
             ks.append(k)
         self.numeric = [(dt, cols, np.array(ks, dtype=np.intp)) for dt, (cols, ks) in by_type.items()]
 
-    def decode(self, result: LookupResult) -> tuple[F32, U8]:
+    def decode(self, result: LookupResult) -> tuple[Floats, Statuses]:
         """The group's values (rows, inputs) as float32 and their statuses (rows, inputs)."""
         n = result.rows
         values = np.empty((n, len(self.plan_columns)), dtype=np.float32)
@@ -114,7 +112,7 @@ class InputPlan:
         return lookup.registry.fingerprint != self.fingerprint
 
 
-def fill_missing(matrix: F32, statuses: U8, defaults: F32) -> npt.NDArray[np.bool_]:
+def fill_missing(matrix: Floats, statuses: Statuses, defaults: Floats) -> npt.NDArray[np.bool_]:
     """Put each column's fill value where its status is not PRESENT; returns that mask."""
     missing: npt.NDArray[np.bool_] = statuses != PRESENT
     np.copyto(matrix, defaults, where=missing)
@@ -132,20 +130,20 @@ class BatchPart(Protocol):
     def counts(self) -> Sequence[int]: ...
 
     @property
-    def request(self) -> Mapping[int, F32]: ...
+    def request(self) -> Mapping[int, Floats]: ...
 
 
 class BatchMatrix(NamedTuple):
     """The model input of a batch: `matrix` and `statuses` (rows, inputs); call i owns rows
     starts[i]:starts[i + 1]; `missing` marks the cells that took their fill value."""
 
-    matrix: F32
-    statuses: U8
+    matrix: Floats
+    statuses: Statuses
     starts: list[int]
     missing: npt.NDArray[np.bool_]
 
 
-def assemble(plan: InputPlan, parts: Sequence[BatchPart], decoded: Sequence[tuple[F32, U8]]) -> BatchMatrix:
+def assemble(plan: InputPlan, parts: Sequence[BatchPart], decoded: Sequence[tuple[Floats, Statuses]]) -> BatchMatrix:
     """Stack the calls `parts` into one matrix from each input group's decoded values and
     statuses (`InputGroup.decode` of the batch's rows, calls in order), add the request
     values and fill what is not PRESENT."""

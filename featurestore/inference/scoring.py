@@ -23,7 +23,7 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -41,16 +41,22 @@ from featurestore.limits import MAX_CANDIDATES, MAX_ROWS
 from featurestore.lookup import Lookup
 from featurestore.store.pipe import RedisPipe
 from featurestore.tasks import cancel_all
+from featurestore.types import Entities, Floats, Ids, Statuses
 
-__all__ = ["CandidateSource", "Ranked", "Retrieval", "Scored", "Scorer", "Timings"]
+__all__ = ["CandidateSource", "Ranked", "RequestColumn", "RequestColumns", "Retrieval", "Scored", "Scorer", "Timings"]
 
 _STAGES = ("queue", "redis", "decode", "retrieval", "matrix", "model", "serialization", "total")
 
-Entities = Mapping[str, Sequence[Any]]
-RequestValues = Mapping[str, tuple[str, Sequence[Any]]]  # name -> (kind, values)
-Ids = npt.NDArray[np.int64]
-F32 = npt.NDArray[np.float32]
-U8 = npt.NDArray[np.uint8]
+
+class RequestColumn(NamedTuple):
+    """The values of one request-time input and the list they came in ("float",
+    "int64" or "bool"), which must suit the input's declared type."""
+
+    kind: str
+    values: Sequence[Any]
+
+
+RequestColumns = Mapping[str, RequestColumn | tuple[str, Sequence[Any]]]  # input name -> its values
 
 
 class CandidateSource(Protocol):
@@ -58,7 +64,7 @@ class CandidateSource(Protocol):
     server's indexes); inference never imports retrieval."""
 
     async def nearest(
-        self, view: str, *, query_vector: F32 | None, seed_ids: Ids | None, k: int, exclude_seeds: bool
+        self, view: str, *, query_vector: Floats | None, seed_ids: Ids | None, k: int, exclude_seeds: bool
     ) -> Ids:
         """The ids of the `k` entities of `view` nearest to `query_vector` or to the mean
         embedding of `seed_ids` (without the seeds when `exclude_seeds`)."""
@@ -72,7 +78,7 @@ class Retrieval:
     `seed_ids` (left out of the candidates with `exclude_seeds`)."""
 
     view: str = ""
-    query_vector: F32 | None = None
+    query_vector: Floats | None = None
     seed_ids: Ids | None = None
     n_candidates: int = 0
     exclude_seeds: bool = True
@@ -195,7 +201,7 @@ class Scorer:
         self,
         model_name: str,
         entities: Entities,
-        request_values: RequestValues | None = None,
+        request_values: RequestColumns | None = None,
         *,
         timeout_s: float | None = None,
     ) -> Scored:
@@ -221,7 +227,7 @@ class Scorer:
         candidate_ids: Ids | None = None,
         retrieval: Retrieval | None = None,
         top_n: int = 10,
-        request_values: RequestValues | None = None,
+        request_values: RequestColumns | None = None,
         timeout_s: float | None = None,
     ) -> Ranked:
         """The `top_n` best candidates for `context` (e.g. {"user_id": [7]}).
@@ -283,7 +289,7 @@ class Scorer:
         self._plans[model.spec.name] = (model, plan)
         return plan
 
-    def _call(self, model: Model, plan: InputPlan, entities: Entities, values: RequestValues) -> _Call:
+    def _call(self, model: Model, plan: InputPlan, entities: Entities, values: RequestColumns) -> _Call:
         n = _row_count(entities, MAX_ROWS)
         extra = sorted(set(entities) - plan.join_keys)
         if extra:
@@ -420,7 +426,7 @@ def _row_count(entities: Entities, limit: int) -> int:
     return n
 
 
-def _request_columns(plan: InputPlan, values: RequestValues, n: int) -> dict[int, npt.NDArray[np.float32]]:
+def _request_columns(plan: InputPlan, values: RequestColumns, n: int) -> dict[int, npt.NDArray[np.float32]]:
     by_name = {column.feature: (j, column) for j, column in plan.request}
     unknown = sorted(set(values) - set(by_name))
     if unknown:
@@ -441,7 +447,7 @@ def _request_columns(plan: InputPlan, values: RequestValues, n: int) -> dict[int
     return out
 
 
-def _assemble(model: Model, plan: InputPlan, calls: Sequence[_Call], decoded: list[tuple[F32, U8]]) -> _Batch:
+def _assemble(model: Model, plan: InputPlan, calls: Sequence[_Call], decoded: list[tuple[Floats, Statuses]]) -> _Batch:
     """The batch matrix and statuses; calls whose required inputs are missing fail here."""
     batch = assemble(plan, calls, decoded)
     if plan.required.any():

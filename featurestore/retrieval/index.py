@@ -35,13 +35,13 @@ from featurestore.retrieval.spec import (
     search_params,
     to_gpu,
 )
+from featurestore.types import Ids
 
 # FAISS's bundled stubs miss most of its SWIG API (selectors, GPU, HNSW parameters).
 faiss: Any = _faiss
 
-__all__ = ["BuildStats", "EmbeddingIndex", "Ids", "SearchResult", "check_vectors"]
+__all__ = ["BuildStats", "EmbeddingIndex", "SearchResult", "check_vectors"]
 
-Ids = npt.NDArray[np.int64]
 _GPU_K_MAX = 2048  # FAISS GPU indexes answer at most this many neighbours per query
 
 

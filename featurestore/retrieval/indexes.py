@@ -50,13 +50,14 @@ from redis.exceptions import RedisError
 
 from featurestore.errors import ConfigError, InvalidArgument, Unavailable
 from featurestore.registry import Registry, ViewDef
-from featurestore.retrieval.index import EmbeddingIndex, Ids, check_vectors
+from featurestore.retrieval.index import EmbeddingIndex, check_vectors
 from featurestore.retrieval.manager import IndexManager
 from featurestore.retrieval.spec import IndexConfig, Vectors
 from featurestore.retrieval.vectors import read_vectors, scan_vectors
 from featurestore.store.events import MAX_EVENT_IDS, parse_event
 from featurestore.store.keys import events_channel
 from featurestore.tasks import cancel_all
+from featurestore.types import Ids
 
 __all__ = ["Changes", "ViewIndexes", "diff_ids", "diff_index"]
 

@@ -32,7 +32,6 @@ from featurestore.registry import ViewDef
 from featurestore.retrieval.index import (
     BuildStats,
     EmbeddingIndex,
-    Ids,
     SearchResult,
     check_ids,
     check_vectors,
@@ -41,6 +40,7 @@ from featurestore.retrieval.index import (
 from featurestore.retrieval.spec import IndexConfig, Vectors, set_faiss_threads
 from featurestore.retrieval.vectors import scan_vectors
 from featurestore.store.layout import DType
+from featurestore.types import Ids
 
 __all__ = [
     "BuildStats",

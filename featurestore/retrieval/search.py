@@ -26,18 +26,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 
 from featurestore.decode import LookupResult
 from featurestore.errors import InvalidArgument, NotFound
 from featurestore.lookup import Lookup
-from featurestore.retrieval.index import Ids
 from featurestore.retrieval.indexes import ViewIndexes
 from featurestore.retrieval.manager import IndexManager, SearchResult
+from featurestore.types import Floats, Ids
 
 __all__ = ["Candidates", "SimilarQuery", "SimilarResult", "search_similar"]
-
-F32 = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +54,7 @@ class SimilarQuery:
 
     view: str
     k: int
-    vectors: F32 | None = None
+    vectors: Floats | None = None
     ids: Ids | None = None
     exclude_query_entity: bool = False
     allow_ids: Ids | None = None
@@ -76,7 +73,7 @@ class SimilarResult:
     """
 
     ids: Ids
-    scores: F32
+    scores: Floats
     metric: str
     generation: int
     features: LookupResult | None
@@ -122,7 +119,7 @@ async def _search(manager: IndexManager, query: SimilarQuery) -> SearchResult:
     return await manager.search(vectors, query.k, exclude_ids=exclude, allow_ids=allow)
 
 
-def _queries(vectors: F32, dim: int, view: str) -> F32:
+def _queries(vectors: Floats, dim: int, view: str) -> Floats:
     """`vectors` as (queries, dim); a flat array is cut into rows of `dim`."""
     if vectors.ndim == 1 and vectors.size and vectors.size % dim == 0:
         return vectors.reshape(-1, dim)
@@ -146,7 +143,7 @@ class Candidates:
         self._indexes = indexes
 
     async def nearest(
-        self, view: str, *, query_vector: F32 | None, seed_ids: Ids | None, k: int, exclude_seeds: bool
+        self, view: str, *, query_vector: Floats | None, seed_ids: Ids | None, k: int, exclude_seeds: bool
     ) -> Ids:
         """The ids of the `k` nearest entities of `view` to `query_vector`, or to the mean
         embedding of `seed_ids` (left out of the result with `exclude_seeds`).

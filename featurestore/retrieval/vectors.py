@@ -19,11 +19,11 @@ import numpy as np
 import redis.asyncio as aioredis
 
 from featurestore.registry import ViewDef
-from featurestore.retrieval.index import Ids
 from featurestore.retrieval.spec import Vectors
 from featurestore.store.keys import entity_tokens, row_keys, view_key_pattern
 from featurestore.store.layout import decode_rows
 from featurestore.store.redis import mget, scan_keys
+from featurestore.types import Ids
 
 __all__ = ["read_vectors", "scan_vectors"]
 

@@ -29,7 +29,7 @@ from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
 from featurestore.cache.hotcache import CacheStatus
 from featurestore.decode import LookupResult, RequestPlan
 from featurestore.errors import InvalidArgument
-from featurestore.inference.scoring import Ranked, RequestValues, Retrieval, Scored, Timings
+from featurestore.inference.scoring import Ranked, RequestColumn, RequestColumns, Retrieval, Scored, Timings
 from featurestore.retrieval.search import SimilarQuery, SimilarResult
 from featurestore.store.layout import DType
 
@@ -167,7 +167,7 @@ class PredictCall(NamedTuple):
 
     model: str
     entities: dict[str, Sequence[Any]]
-    request_values: RequestValues
+    request_values: RequestColumns
 
 
 class RankCall(NamedTuple):
@@ -179,7 +179,7 @@ class RankCall(NamedTuple):
     candidate_ids: npt.NDArray[np.int64] | None
     retrieval: Retrieval | None
     top_n: int
-    request_values: RequestValues
+    request_values: RequestColumns
 
 
 def predict_call(request: pb.PredictRequest) -> PredictCall:
@@ -213,9 +213,9 @@ def rank_call(request: pb.RankRequest) -> RankCall:
     )
 
 
-def request_values(columns: Sequence[pb.RequestColumn]) -> RequestValues:
+def request_values(columns: Sequence[pb.RequestColumn]) -> RequestColumns:
     """Request-time model inputs: name -> (kind, values), one value list per column."""
-    out: dict[str, tuple[str, Sequence[Any]]] = {}
+    out: dict[str, RequestColumn] = {}
     for column in columns:
         if column.name in out:
             raise InvalidArgument(f"request value {column.name!r} is sent twice")
@@ -233,7 +233,7 @@ def request_values(columns: Sequence[pb.RequestColumn]) -> RequestValues:
                 f"request value {column.name!r} must set exactly one of float_values,"
                 f" int64_values and bool_values (it sets {len(lists)})"
             )
-        out[column.name] = lists[0]
+        out[column.name] = RequestColumn(*lists[0])
     return out
 
 

@@ -49,11 +49,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import numpy.typing as npt
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from featurestore.store.keys import events_channel, versions_key
+from featurestore.types import Ids
 
 __all__ = [
     "DEFAULT_WARM_KEYS",
@@ -72,7 +72,6 @@ MAX_EVENT_IDS = 100_000
 DEFAULT_WARM_KEYS = 100_000  # hot keys a "warm" event without a valid limit re-reads
 _INT64 = (-(2**63), 2**63 - 1)
 
-Ids = npt.NDArray[np.int64]
 
 # Increment each view's write version and publish the message with the new versions, in
 # one step: no subscriber can see a version before its event was sent.

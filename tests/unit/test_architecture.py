@@ -1,7 +1,7 @@
 """The import rule of the house (README, "Architecture"), checked by parsing every import.
 
-    core        featurestore/*.py: errors, limits, config, registry, lookup, decode,
-                tasks, metrics, embedded
+    core        featurestore/*.py: errors, limits, types, config, registry, lookup,
+                decode, tasks, metrics, embedded
     store/      everything that speaks to Redis
     cache/, retrieval/, inference/    the domains
     client/     the Python client
@@ -22,15 +22,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CORE = {"errors", "limits", "config", "registry", "lookup", "decode", "tasks", "metrics", "embedded"}
+CORE = {"errors", "limits", "types", "config", "registry", "lookup", "decode", "tasks", "metrics", "embedded"}
 DOMAINS = ("cache", "retrieval", "inference")
 ALLOWED: dict[str, set[str]] = {
     "core": {"core", "store"},
-    "store": {"errors", "limits"},
+    "store": {"errors", "limits", "types"},
     "cache": {"core", "store"},
     "retrieval": {"core", "store"},
     "inference": {"core", "store"},
-    "client": {"errors", "limits", "_proto"},
+    "client": {"errors", "limits", "types", "_proto"},
     "serving": {"core", "store", *DOMAINS, "_proto"},
     "cli": {"core", "store", *DOMAINS, "serving", "client", "_proto"},
     "materialize": {"core", "store"},
