@@ -93,11 +93,9 @@ class _Coalescer:
         self._drainer: asyncio.Task[None] | None = None
         self._max_batch = max_batch
         self.faiss_calls = 0  # FAISS search calls made; counted on the search thread
-        self.requests = 0
 
     async def submit(self, pending: _Pending) -> SearchResult:
         self._queue.append(pending)
-        self.requests += 1
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.get_running_loop().create_task(self._drain())
         return await pending.future

@@ -50,7 +50,6 @@ __all__ = [
 
 Metric = Literal["cosine", "inner_product", "l2"]
 IndexKind = Literal["flat", "ivf", "hnsw", "cagra"]
-METRICS: tuple[str, ...] = ("cosine", "inner_product", "l2")
 Vectors = npt.NDArray[np.float32]
 
 
