@@ -6,8 +6,9 @@ raised and mapped to statuses by `interceptors.ErrorInterceptor`.
 Life cycle (`FeatureServer`): start -> health NOT_SERVING -> the registry is loaded and
 Redis answers PING -> SERVING. A background task re-reads the registry every
 `registry_refresh_s` off the event loop and swaps it in when its fingerprint changed
-(`feast apply` needs no restart). With `cache_bytes` > 0 the hot-key cache
-(hotcache.py) follows materialization events from start-up, is warmed with the fleet's hot
+(`feast apply` needs no restart). One subscription to the materialization events
+(store/events.py) feeds the retrieval indexes and, with `cache_bytes` > 0, the hot-key
+cache (hotcache.py), which follows them from start-up, is warmed with the fleet's hot
 set within `warm_budget_s` before SERVING, and publishes this server's hot keys every
 `hot_publish_s`. On stop: NOT_SERVING, then in-flight calls drain
 within the grace period.
@@ -43,6 +44,7 @@ from featurestore.serving import wire
 from featurestore.serving.admin import AdminServicer
 from featurestore.serving.inference_rpc import InferenceRpc
 from featurestore.serving.interceptors import ErrorInterceptor
+from featurestore.store.events import EventSubscriber
 from featurestore.store.pipe import RedisPipe
 from featurestore.store.redis import connect
 from featurestore.tasks import cancel_all
@@ -153,6 +155,7 @@ class FeatureServer:
         self.indexes: ViewIndexes | None = None
         self.inference: InferenceRpc | None = None
         self.cache: HotCache | None = None
+        self.events: EventSubscriber | None = None
         self.redis: Redis | None = None
         self.port = 0
         self._server: aio.Server | None = None
@@ -169,10 +172,12 @@ class FeatureServer:
         # connection (store/pipe.py: a quarter of a lookup's budget saved).
         redis = self.redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
         pipe = RedisPipe.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        events = self.events = EventSubscriber(settings.redis_url, registry.project)  # cache and indexes
         if settings.cache_bytes > 0:
             self.cache = HotCache(
                 registry.project,
                 settings.redis_url,
+                events=events,
                 cache_bytes=settings.cache_bytes,
                 max_staleness_s=settings.cache_max_staleness_s,
                 max_age_s=settings.cache_max_age_s,
@@ -181,9 +186,10 @@ class FeatureServer:
             self.cache.start()
         self.lookup = Lookup(pipe, registry, max_rows=settings.max_rows, cache=self.cache)
         self.indexes = ViewIndexes(
-            registry, settings.redis_url, _index_config(settings), refresh_s=settings.index_refresh_s
+            registry, settings.redis_url, _index_config(settings), refresh_s=settings.index_refresh_s, events=events
         )
         self.indexes.start()
+        events.start()
         self.inference = await InferenceRpc.start(
             settings.repo, registry, self.lookup, settings.redis_url, settings.redis_timeout_s, self.indexes
         )
@@ -272,6 +278,8 @@ class FeatureServer:
             await self.inference.close()
         if self.lookup is not None:
             await self.lookup.close()
+        if self.events is not None:  # first: no event reaches a closed cache or index
+            await self.events.close()
         if self.cache is not None:
             await self.cache.close()
         if self.indexes is not None:
