@@ -278,7 +278,7 @@ class FeatureServer:
             await self.inference.close()
         if self.lookup is not None:
             await self.lookup.close()
-        if self.events is not None:  # first: no event reaches a closed cache or index
+        if self.events is not None:  # before the cache and the indexes it feeds
             await self.events.close()
         if self.cache is not None:
             await self.cache.close()
