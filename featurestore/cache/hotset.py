@@ -6,7 +6,7 @@
     keys = await read(pipe, hot_key, limit=100_000)             # the hottest first
 
 The candidates are a replica's cached keys (each was requested before it was admitted)
-ranked by the request-count sketch (hotkeys.py). Every step runs on the event loop, so
+ranked by the request-count sketch (sketch.py). Every step runs on the event loop, so
 the work is cut into slices of SLICE keys (~0.2 ms each), yielding to requests between
 them: one C-level copy of the cache's keys, then per slice the sketch's estimates and,
 when publishing, one ZADD packed by hiredis. Redis does the ranking of the fleet's set

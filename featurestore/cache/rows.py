@@ -39,7 +39,7 @@ ABSENT = b""  # the cached "Redis has no row here" (shorter than any row: NOT_FO
 
 # Bytes per entry beyond its key and row objects: the OrderedDict's table slot and index
 # (a slot per 2/3 of capacity, which doubles) and its link node; measured with
-# tracemalloc at several fill levels, rounded up (tests/unit/test_rowcache.py checks it).
+# tracemalloc at several fill levels, rounded up (tests/unit/cache/test_rows.py checks it).
 ENTRY_OVERHEAD = 184
 SEGMENT_ENTRIES = 1024
 _TWO_HEADERS = 2 * sys.getsizeof(b"") + ENTRY_OVERHEAD  # key and row objects, bookkeeping

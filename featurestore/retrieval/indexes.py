@@ -1,6 +1,6 @@
 """The retrieval indexes of a server: one `IndexManager` per embedding view, kept fresh.
 
-    indexes = ViewIndexes(registry, redis_url, IndexConfig(), refresh_s=300)
+    indexes = ViewIndexes(registry, redis_url, IndexConfig(), refresh_s=300, events=events)
     indexes.start()                 # background: first builds, events, periodic refresh
     await indexes.wait_ready()      # every indexable view has a live index
     manager = indexes.manager("item_embedding")
@@ -15,8 +15,10 @@ and non-finite rows are left out), compares with the live index and
     many, or a flat index        `build` from the rows read, then swap
 
 so an expired entity leaves the index on the next refresh, whatever its cause. Refreshes
-are asked for by materialization events on the project's pub/sub channel
-(`store.events`), by a registry change, and every `refresh_s` in case an event was lost.
+are asked for by materialization events on the project's pub/sub channel (the server's
+one `store.events.EventSubscriber`, which this listens to), by a registry change, after
+a gap in the events (once subscribed again), and every `refresh_s` in case an event was
+lost.
 
 An event that lists the entity ids a run wrote asks for an update instead: only those
 keys are read (`retrieval.vectors.read_vectors`, MGET in batches), and
@@ -37,7 +39,6 @@ with a log line, and searching them is FAILED_PRECONDITION.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -45,8 +46,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from featurestore.errors import ConfigError, InvalidArgument, Unavailable
 from featurestore.registry import Registry, ViewDef
@@ -54,8 +53,8 @@ from featurestore.retrieval.index import EmbeddingIndex, check_vectors
 from featurestore.retrieval.manager import IndexManager
 from featurestore.retrieval.spec import IndexConfig, Vectors
 from featurestore.retrieval.vectors import read_vectors, scan_vectors
-from featurestore.store.events import MAX_EVENT_IDS, parse_event
-from featurestore.store.keys import events_channel
+from featurestore.store.events import MAX_EVENT_IDS, EventSubscriber, Gap, WarmEvent, WrittenEvent
+from featurestore.store.redis import connect
 from featurestore.tasks import cancel_all
 from featurestore.types import Ids
 
@@ -148,11 +147,13 @@ class ViewIndexes:
 
     Parameters:
         registry: the compiled registry; `sync` replaces it.
-        redis_url: the online store; a client of its own (scans, pub/sub) keeps the
-            lookups' connection pool free.
+        redis_url: the online store; a client of its own (scans) keeps the lookups'
+            connection pool free.
         config: how indexes are built and searched.
         refresh_s: the safety refresh period, float seconds (0: events only).
         scan_count: rows per SCAN + MGET while reading a view.
+        events: the server's event subscriber, which `start` adds the indexes to (None:
+            no events; only registry changes and the periodic refresh).
     """
 
     def __init__(
@@ -163,20 +164,15 @@ class ViewIndexes:
         *,
         refresh_s: float = 300.0,
         scan_count: int = 5000,
+        events: EventSubscriber | None = None,
     ) -> None:
         self.config = config
         self._registry = registry
         self._refresh_s = refresh_s
         self._scan_count = scan_count
-        # Replies can take a while (a large MGET); pub/sub waits indefinitely by design.
-        self._redis = aioredis.Redis.from_url(
-            redis_url,
-            socket_timeout=None,
-            socket_connect_timeout=5.0,
-            socket_keepalive=True,
-            decode_responses=False,
-            health_check_interval=0,
-        )
+        self._events = events
+        # Replies can take a while (a large MGET): no socket timeout.
+        self._redis = connect(redis_url, timeout_s=None)
         self._managers: dict[str, IndexManager] = {}
         self._refused: dict[str, str] = {}  # view -> why it cannot be indexed
         self._wanted: dict[str, _Asked] = {}  # view -> the refresh or update asked for
@@ -191,9 +187,10 @@ class ViewIndexes:
         return tuple(self._wanted)
 
     def start(self) -> None:
-        """Start the workers (first builds), the event listener and the periodic refresh."""
+        """Start the workers (first builds), follow the events, start the periodic refresh."""
         self.sync(self._registry)
-        self._tasks.append(asyncio.create_task(self._listen()))
+        if self._events is not None:
+            self._events.add(self)
         if self._refresh_s > 0:
             self._tasks.append(asyncio.create_task(self._refresh_periodically()))
 
@@ -346,33 +343,11 @@ class ViewIndexes:
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RETRY_S[1])
 
-    async def _listen(self) -> None:
-        """Follow materialization events; after a (re)connection refresh everything, as
-        events sent while disconnected are lost."""
-        delay = _RETRY_S[0]
-        first = True
-        while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(events_channel(self._registry.project))
-                if not first:
-                    self.request_refresh(self._wanted)
-                first, delay = False, _RETRY_S[0]
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        self._follow(message["data"])
-            except (RedisError, OSError) as exc:
-                log.warning("materialization events: %s; resubscribing in %.1f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_S[1])
-            finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    def _follow(self, data: bytes) -> None:
+    def on_event(self, event: WrittenEvent | WarmEvent) -> None:
         """Ask for what a materialization event calls for: per view, an update of the
-        ids it lists, else a full refresh."""
-        event = parse_event(data)
+        ids it lists, else a full refresh (other events are not for the indexes)."""
+        if isinstance(event, WarmEvent):
+            return
         for name in event.views:
             ids = event.ids_of(name)
             if ids is None:
@@ -380,13 +355,20 @@ class ViewIndexes:
             else:
                 self.request_update(name, ids)
 
+    def on_gap(self, gap: Gap) -> None:
+        """Once subscribed again, refresh every view: events sent while disconnected are lost."""
+        if gap is Gap.RESUBSCRIBED:
+            self.request_refresh(self._wanted)
+
     async def _refresh_periodically(self) -> None:
         while True:
             await asyncio.sleep(self._refresh_s)
             self.request_refresh(self._wanted)
 
     async def close(self) -> None:
-        """Stop every background task and close the Redis client."""
+        """Stop following events, stop every background task and close the Redis client."""
+        if self._events is not None:
+            self._events.discard(self)
         await cancel_all([*self._tasks, *self._workers.values()])
         self._tasks.clear()
         self._workers.clear()

@@ -16,7 +16,8 @@ started is registered on an exit stack, so a start that fails part-way (a port a
 taken, a broken models.yaml) closes what it had opened and leaves no task running. A
 background task re-reads the registry every `registry_refresh_s` off the event loop and
 swaps it in when its fingerprint changed (`feast apply` needs no restart); models.yaml is
-re-read with it.
+re-read with it. One subscription to the materialization events (store/events.py) feeds
+both the hot-key cache and the retrieval indexes.
 
 Stop: NOT_SERVING, then in-flight calls drain within the grace period, then every part
 closes in the reverse order of its start.
@@ -51,6 +52,7 @@ from featurestore.retrieval.search import Candidates
 from featurestore.retrieval.spec import IndexConfig
 from featurestore.serving.interceptors import ErrorInterceptor
 from featurestore.serving.servicers import AdminServicer, FeatureStoreServicer
+from featurestore.store.events import EventSubscriber
 from featurestore.store.pipe import RedisPipe
 from featurestore.store.redis import connect, ping
 from featurestore.tasks import cancel_all
@@ -77,6 +79,7 @@ class FeatureServer:
         self.indexes: ViewIndexes | None = None
         self.scorer: Scorer | None = None
         self.cache: HotCache | None = None
+        self.events: EventSubscriber | None = None
         self.port = 0
         self._server: aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -101,6 +104,7 @@ class FeatureServer:
         # (store/pipe.py: a quarter of a lookup's budget saved).
         redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
         parts.push_async_callback(redis.aclose)
+        events = self.events = EventSubscriber(settings.redis_url, registry.project)  # cache and indexes
         if settings.cache_bytes > 0:
             self.cache = HotCache(
                 registry.project,
@@ -109,6 +113,7 @@ class FeatureServer:
                 max_staleness_s=settings.cache_max_staleness_s,
                 max_age_s=settings.cache_max_age_s,
                 publish_s=settings.hot_publish_s,
+                events=events,
             )
             parts.push_async_callback(self.cache.close)
             self.cache.start()
@@ -116,10 +121,12 @@ class FeatureServer:
         self.lookup = Lookup(pipe, registry, max_rows=settings.max_rows, cache=self.cache)
         parts.push_async_callback(self.lookup.close)
         self.indexes = ViewIndexes(
-            registry, settings.redis_url, _index_config(settings), refresh_s=settings.index_refresh_s
+            registry, settings.redis_url, _index_config(settings), refresh_s=settings.index_refresh_s, events=events
         )
         parts.push_async_callback(self.indexes.close)
         self.indexes.start()
+        parts.push_async_callback(events.close)  # closes before its listeners
+        events.start()
         self.scorer = await self._start_scorer(parts, registry, self.lookup, self.indexes)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server = self._build_server()

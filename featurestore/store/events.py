@@ -32,32 +32,55 @@ hard) and about 20 ms of JSON parsing for the subscriber.
 Other kinds of event share the channel; a subscriber ignores kinds it does not know:
 
     {"event": "warm", "limit": 100000}  every server re-reads the fleet's hot set
-                                        (featurestore/cache/hotcache.py; `publish_warm`)
+                                        (featurestore/cache/warmup.py; `publish_warm`)
 
 Pub/sub delivers at most once and only to connected subscribers, so an event is a hint:
 a server that misses one catches up on its periodic refresh (indexes) or version poll
 (the hot cache). Publishing never fails a
 materialization (the rows are already written and acknowledged). Parsing never raises:
 a malformed message names no view, and a malformed `ids` entry means a full re-read.
+
+A server subscribes once (`EventSubscriber`) and hands every parsed event to its
+listeners (the hot cache, the retrieval indexes):
+
+    events = EventSubscriber(redis_url, "recsys")
+    events.add(cache)                     # anything with on_event(event) and on_gap(gap)
+    events.start()
+    await events.wait_subscribed()
+    ...
+    await events.close()
+
+Each message is parsed once; a listener that raises is logged and the others still get
+the event. When the connection drops, listeners hear `Gap.LOST` (events sent from now on
+are lost) and, once subscribed again, `Gap.RESUBSCRIBED` (events sent in between were
+lost); the first subscription is no gap.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import enum
 import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from featurestore.store.keys import events_channel, versions_key
+from featurestore.store.redis import connect
 from featurestore.types import Ids
 
 __all__ = [
     "DEFAULT_WARM_KEYS",
     "MAX_EVENT_IDS",
+    "EventListener",
+    "EventSubscriber",
+    "Gap",
     "WarmEvent",
     "WrittenEvent",
     "parse_event",
@@ -71,6 +94,7 @@ log = logging.getLogger(__name__)
 MAX_EVENT_IDS = 100_000
 DEFAULT_WARM_KEYS = 100_000  # hot keys a "warm" event without a valid limit re-reads
 _INT64 = (-(2**63), 2**63 - 1)
+_RETRY_S = (0.1, 5.0)  # first and longest wait before subscribing again
 
 
 # Increment each view's write version and publish the message with the new versions, in
@@ -222,3 +246,127 @@ def _ids(value: object) -> Ids | None:
     if value and not _INT64[0] <= min(value) <= max(value) <= _INT64[1]:
         return None
     return np.array(value, dtype=np.int64)
+
+
+class Gap(enum.Enum):
+    """How a listener may have missed events (`EventListener.on_gap`); the value says it."""
+
+    LOST = "lost the events channel"  # the connection dropped: nothing arrives for now
+    RESUBSCRIBED = "resubscribed to events"  # what was published in between is lost
+
+
+class EventListener(Protocol):
+    """What `EventSubscriber` feeds. Both methods run on the event loop: no blocking."""
+
+    def on_event(self, event: WrittenEvent | WarmEvent) -> None:
+        """Follow one message of the channel, parsed once for every listener."""
+
+    def on_gap(self, gap: Gap) -> None:
+        """Events may have been lost (`gap` says how): catch up by other means."""
+
+
+class EventSubscriber:
+    """The one subscription of a server to its project's events channel.
+
+    It parses each message once (`parse_message`) and hands the event to every listener,
+    in the order they were added; a listener that raises is logged and the others still
+    get the event. When the connection drops (a Redis error or a closed socket: the only
+    place pub/sub errors are caught), listeners hear `Gap.LOST`, the subscriber waits
+    (0.1 s, doubling up to 5 s) and subscribes again, then listeners hear
+    `Gap.RESUBSCRIBED`. The first subscription is no gap.
+
+    Parameters:
+        redis_url: the online store; a redis-py client of its own, without a socket
+            timeout: the subscription waits as long as it takes for the next message.
+        project: the registry's project, whose channel is `keys.events_channel(project)`.
+
+    Example:
+
+        async with EventSubscriber(redis_url, "recsys") as events:   # start() ... close()
+            events.add(listener)
+            await events.wait_subscribed()
+    """
+
+    def __init__(self, redis_url: str, project: str) -> None:
+        self.project = project
+        self.channel = events_channel(project)
+        self._redis = connect(redis_url, timeout_s=None)
+        self._listeners: list[EventListener] = []
+        self._subscribed = asyncio.Event()  # set by the first subscription, never cleared
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, listener: EventListener) -> None:
+        """Hand every event and gap from now on to `listener` too."""
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    def discard(self, listener: EventListener) -> None:
+        """Stop handing events to `listener` (nothing if it was not added)."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def start(self) -> None:
+        """Subscribe in the background, and keep subscribed until `close`."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    @property
+    def subscribed(self) -> bool:
+        """True once the first subscription succeeded (it stays True across gaps)."""
+        return self._subscribed.is_set()
+
+    async def wait_subscribed(self) -> None:
+        """Return once the first subscription succeeded."""
+        await self._subscribed.wait()
+
+    async def close(self) -> None:
+        """Stop listening (no task is left running) and close the Redis client."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._redis.aclose()
+
+    async def __aenter__(self) -> EventSubscriber:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _run(self) -> None:
+        delay, first = _RETRY_S[0], True
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                if not first:  # events sent while disconnected are lost
+                    self._gap(Gap.RESUBSCRIBED)
+                first, delay = False, _RETRY_S[0]
+                self._subscribed.set()
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self._deliver(parse_message(message["data"]))
+            except (RedisError, OSError) as exc:
+                log.warning("events of %s: %s; subscribing again in %.1f s", self.project, exc, delay)
+                self._gap(Gap.LOST)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_S[1])
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _deliver(self, event: WrittenEvent | WarmEvent) -> None:
+        for listener in tuple(self._listeners):  # a listener may discard itself
+            try:
+                listener.on_event(event)
+            except Exception:  # one broken listener must not deafen the others
+                log.exception("%s failed to follow an event of %s", type(listener).__name__, self.project)
+
+    def _gap(self, gap: Gap) -> None:
+        for listener in tuple(self._listeners):
+            try:
+                listener.on_gap(gap)
+            except Exception:
+                log.exception("%s failed to catch up after %s", type(listener).__name__, gap.value)

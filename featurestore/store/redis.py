@@ -52,12 +52,21 @@ return {written, skipped}
 """
 
 
-def connect(url: str, *, timeout_s: float = 2.0, max_connections: int = 64) -> aioredis.Redis:
-    """An asyncio Redis client for `url` (redis://host:port/db) with bytes replies."""
+def connect(url: str, *, timeout_s: float | None = 2.0, max_connections: int = 64) -> aioredis.Redis:
+    """An asyncio Redis client for `url` (redis://host:port/db, rediss://, unix://) with
+    bytes replies; every redis-py client of the package is made here.
+
+    Parameters:
+        timeout_s: how long a reply may take, float seconds; None: as long as it takes
+            (a pub/sub listener waiting for the next message, large background reads).
+            Connecting takes at most this, or 5 s when None.
+        max_connections: the client's pool size.
+    """
     return aioredis.Redis.from_url(
         url,
         socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
+        socket_connect_timeout=5.0 if timeout_s is None else timeout_s,
+        socket_keepalive=True,
         max_connections=max_connections,
         decode_responses=False,
         health_check_interval=0,

@@ -29,7 +29,7 @@ from featurestore.registry import Registry, load_registry
 from featurestore.serving import wire
 from featurestore.serving.server import FeatureServer
 from featurestore.store import keys
-from featurestore.store.events import publish_warm, publish_written
+from featurestore.store.events import EventSubscriber, parse_message, publish_warm, publish_written
 from featurestore.store.layout import encode_rows
 from featurestore.store.pipe import RedisPipe
 from featurestore.store.redis import guarded_write
@@ -99,12 +99,15 @@ def registry(feature_repo: Path) -> Registry:
 async def cached(
     redis_url: str, registry: Registry, redis_client: aioredis.Redis
 ) -> AsyncIterator[tuple[Lookup, HotCache]]:
-    cache = HotCache(registry.project, redis_url, max_staleness_s=60, publish_s=0, sample_every=1)
+    events = EventSubscriber(redis_url, registry.project)
+    cache = HotCache(registry.project, redis_url, events=events, max_staleness_s=60, publish_s=0, sample_every=1)
     cache.start()
+    events.start()
     await asyncio.wait_for(cache.wait_ready(), 5)
     lookup = Lookup(CountingPipe.from_url(redis_url), registry, cache=cache)
     yield lookup, cache
     await lookup.close()
+    await events.close()
     await cache.close()
 
 
@@ -199,12 +202,12 @@ async def test_a_nearly_full_cache_admits_only_keys_requested_before(redis_url: 
         size = sys.getsizeof(b"recsys:item_stats:{1000}") + sys.getsizeof(row) + ENTRY_OVERHEAD
         ids = list(range(1000, 1000 + int(0.95 * budget / size)))  # 4-digit ids: `size`
         filler = keys.row_keys(registry.project, "item_stats", keys.entity_tokens([ids]))
-        cache.admit(filler, [row] * len(filler), cache.epoch, time.monotonic())
+        cache.admission.admit(filler, [row] * len(filler), cache.rows.epoch, time.monotonic())
         assert 0.9 * budget < cache.rows.bytes <= budget  # nearly full
         once, twice = keys.row_keys(registry.project, "user_profile", [b"1", b"2"])
         cache.hot.record([twice])
         cache.hot.drain()
-        assert cache.admit([once, twice], [b"row", b"row"], cache.epoch, time.monotonic()) == 1
+        assert cache.admission.admit([once, twice], [b"row", b"row"], cache.rows.epoch, time.monotonic()) == 1
         assert twice in cache.rows and once not in cache.rows
     finally:
         await cache.close()
@@ -220,16 +223,16 @@ async def test_invalidated_value_is_never_served_after_the_event(
         cache.hot.drain()
     for version in range(1, 6):
         await write(redis_client, registry, "item_stats", [4], [100.0 + version], now_us())
-        events = cache.events
+        events = cache.freshness.events
         await publish_written(redis_client, registry.project, ["item_stats"], ids={"item_stats": [4]})
-        await until(lambda events=events: cache.events > events)  # type: ignore[misc]
+        await until(lambda events=events: cache.freshness.events > events)  # type: ignore[misc]
         assert await value_of(lookup, 4) == 100.0 + version  # at once, and ever after
         await asyncio.sleep(0.05)  # the re-warm ran: a hit with the new value
         assert await value_of(lookup, 4) == 100.0 + version
     # An event without ids drops the whole view.
     await write(redis_client, registry, "item_stats", [3], [33.0], now_us())
     await publish_written(redis_client, registry.project, ["item_stats"])
-    await until(lambda: cache.events > events + 1)
+    await until(lambda: cache.freshness.events > events + 1)
     assert await value_of(lookup, 3) == 33.0
 
 
@@ -238,9 +241,9 @@ async def test_a_read_that_raced_an_invalidation_is_not_cached(
 ) -> None:
     _, cache = cached
     key = b"x:item_stats:{1}"
-    epoch = cache.epoch
+    epoch = cache.rows.epoch
     cache.rows.invalidate([key])  # the event arrived while the read was in flight
-    assert cache.admit([key], [b"old row"], epoch, time.monotonic(), admit_all=True) == 0
+    assert cache.admission.admit([key], [b"old row"], epoch, time.monotonic(), admit_all=True) == 0
     assert key not in cache.rows
 
 
@@ -252,8 +255,8 @@ async def test_a_lost_event_is_bounded_by_max_staleness(
 ) -> None:
     _, listening = cached  # only so that the published event is received by someone
     cache = HotCache(registry.project, redis_url, max_staleness_s=0.5, publish_s=0, sample_every=1)
-    cache._tasks.append(asyncio.create_task(cache._poll_forever()))  # no listener: lost
-    await asyncio.wait_for(cache._polled.wait(), 5)
+    cache.start()  # no event subscriber: the event is lost
+    await asyncio.wait_for(cache.wait_ready(), 5)
     lookup = Lookup(RedisPipe.from_url(redis_url), registry, cache=cache)
     try:
         await write_all(redis_client, registry, 10, now_us())
@@ -262,16 +265,16 @@ async def test_a_lost_event_is_bounded_by_max_staleness(
             cache.hot.drain()
         assert keys.row_key(registry.project, "item_stats", b"2") in cache.rows
         await write(redis_client, registry, "item_stats", [2], [222.0], now_us())
-        events = listening.events
+        events = listening.freshness.events
         await publish_written(redis_client, registry.project, ["item_stats"], ids={"item_stats": [2]})
         announced = time.monotonic()
-        await until(lambda: listening.events > events)  # published, and we were deaf
+        await until(lambda: listening.freshness.events > events)  # published, and we were deaf
         seen = await value_of(lookup, 2)
         while seen != 222.0:
             await asyncio.sleep(0.01)
             seen = await value_of(lookup, 2)
         assert time.monotonic() - announced <= 0.5 + 0.05
-        assert cache.lost_events == 1
+        assert cache.freshness.lost_events == 1
     finally:
         await lookup.close()
         await cache.close()
@@ -288,15 +291,33 @@ async def test_a_skipped_version_drops_the_view(
     # The run of version + 1 rewrote item 5, its event was lost; that of version + 2
     # names only item 3.
     await write(redis_client, registry, "item_stats", [5], [55.0], now_us())
-    cache.follow(
-        b'{"event": "written", "views": ["item_stats"], "ids": {"item_stats": [3]},'
-        b' "versions": {"item_stats": %d}}' % (version + 2)
+    cache.on_event(
+        parse_message(
+            b'{"event": "written", "views": ["item_stats"], "ids": {"item_stats": [3]},'
+            b' "versions": {"item_stats": %d}}' % (version + 2)
+        )
     )
-    assert cache.lost_events == 1
+    assert cache.freshness.lost_events == 1
     assert await value_of(lookup, 5) == 55.0  # at once: reads skip the view while it drops
-    await until(lambda: not cache._dropping and len(cache.rows) == 30)  # dropped, re-read
+    await until(lambda: not cache.freshness.dropping and len(cache.rows) == 30)  # dropped, re-read
     calls = mget_pipe(lookup).calls
     assert await value_of(lookup, 5) == 55.0 and mget_pipe(lookup).calls == calls  # a hit
+
+
+async def test_a_lost_subscription_drops_everything_when_lost_and_when_back(
+    cached: tuple[Lookup, HotCache], registry: Registry, redis_client: aioredis.Redis
+) -> None:
+    lookup, cache = cached
+    await write_all(redis_client, registry, 10, now_us())
+    await lookup.get_online_features(entities(range(10)), FEATURES)  # cached: it has room
+    assert len(cache.rows) == 30
+    invalidations = cache.freshness.invalidations
+    assert await redis_client.client_kill_filter(_type="pubsub") >= 1
+    await until(lambda: cache.freshness.invalidations == invalidations + 2)  # lost, then resubscribed
+    assert len(cache.rows) == 0
+    events = cache.freshness.events
+    await publish_written(redis_client, registry.project, ["user_profile"])  # followed again
+    await until(lambda: cache.freshness.events > events)
 
 
 async def test_rewritten_versions_going_back_drop_everything(
@@ -304,13 +325,13 @@ async def test_rewritten_versions_going_back_drop_everything(
 ) -> None:
     lookup, cache = cached
     await publish_written(redis_client, registry.project, ["user_profile"])
-    await until(lambda: cache.events > 0)
+    await until(lambda: cache.freshness.events > 0)
     await write_all(redis_client, registry, 10, now_us())
     await lookup.get_online_features(entities(range(10)), FEATURES)  # cached: it has room
-    await cache.poll()
+    await cache.freshness.poll()
     assert len(cache.rows) == 30
     await redis_client.delete(keys.versions_key(registry.project))  # as after a FLUSHALL
-    await cache.poll()
+    await cache.freshness.poll()
     assert len(cache.rows) == 0
 
 
@@ -325,7 +346,7 @@ async def test_the_cache_serves_nothing_once_its_lease_ran_out(
         await write_all(redis_client, registry, 10, now_us())
         assert await value_of(lookup, 1) == 1.0  # no poll yet: nothing served, nothing kept
         cache.hot.drain()
-        await cache.poll()  # the lease: 0.3 s
+        await cache.freshness.poll()  # the lease: 0.3 s
         for _ in range(2):
             assert await value_of(lookup, 1) == 1.0
             cache.hot.drain()
@@ -374,6 +395,8 @@ async def test_a_fresh_server_starts_with_the_hot_set_loaded(
         async with AsyncClient(f"127.0.0.1:{second.port}") as client:
             await client.wait_until_serving(10)
         assert len(second.cache.rows) == 60
+        channel = keys.events_channel(registry.project)  # one subscription feeds cache and indexes
+        assert await redis_client.pubsub_numsub(channel) == [(channel, 1)]
         before = REGISTRY.get_sample_value("featurestore_cache_misses_total") or 0.0
         await second.lookup.get_online_features(entities(range(20)), FEATURES)
         assert (REGISTRY.get_sample_value("featurestore_cache_misses_total") or 0.0) == before
@@ -455,17 +478,17 @@ async def test_traffic_without_hot_keys_mostly_skips_the_cache(redis_url: str, r
         return [b"row"] * len(wanted)
 
     try:
-        await cache.poll()  # the lease
+        await cache.freshness.poll()  # the lease
         for start in range(0, 10_000, 100):  # every key once: a hit ratio of 0
             await cache.read(user_keys(range(start, start + 100)), fetch)
-        assert cache.bypassed
+        assert cache.admission.bypassed
         cached, fetched = len(cache.rows), 0
         for _ in range(32):  # the same 100 keys: 30 of 32 reads skip the cache
             await cache.read(user_keys(range(100)), fetch)
         assert fetched >= 30 * 100 and len(cache.rows) >= cached
         for _ in range(1700):  # hot keys again: the probes find them, the bypass ends
             await cache.read(user_keys(range(100)), fetch)
-        assert not cache.bypassed and (await cache.status()).hit_ratio > 0
+        assert not cache.admission.bypassed and (await cache.status()).hit_ratio > 0
     finally:
         await cache.close()
 

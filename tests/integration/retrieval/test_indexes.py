@@ -24,7 +24,7 @@ from featurestore.retrieval.index import EmbeddingIndex
 from featurestore.retrieval.indexes import ViewIndexes
 from featurestore.retrieval.spec import IndexConfig
 from featurestore.store import keys
-from featurestore.store.events import publish_written
+from featurestore.store.events import EventSubscriber, publish_written
 from featurestore.store.layout import encode_rows
 
 VIEW, N, DIM = "item_embedding", 3000, 64
@@ -56,11 +56,14 @@ async def write(
 async def indexes(redis: aioredis.Redis, registry: Registry, redis_url: str) -> AsyncIterator[ViewIndexes]:
     await write(redis, registry, IDS, vectors(N, seed=1))
     config = IndexConfig(device="cpu", exact_max=1000)
-    indexes = ViewIndexes(registry, redis_url, config, refresh_s=0)
+    events = EventSubscriber(redis_url, registry.project)
+    indexes = ViewIndexes(registry, redis_url, config, refresh_s=0, events=events)
     indexes.start()
+    events.start()
     await asyncio.wait_for(indexes.wait_ready(), 60)
-    await asyncio.sleep(0.2)  # the listener subscribes
+    await asyncio.wait_for(events.wait_subscribed(), 5)
     yield indexes
+    await events.close()
     await indexes.close()
 
 
@@ -167,3 +170,14 @@ async def test_malformed_event_is_ignored_or_rereads_the_view(
         )
     got = indexed(indexes, silent)
     assert got is not None and np.allclose(got, normalised(silent_rows), rtol=1e-6) == rereads
+
+
+async def test_a_lost_subscription_rereads_every_view_once_subscribed_again(
+    indexes: ViewIndexes, redis: aioredis.Redis, registry: Registry
+) -> None:
+    silent, rows = IDS[70:71], vectors(1, next(SEEDS))
+    await write(redis, registry, silent, rows)  # as if announced while disconnected
+    before = indexes.refreshes
+    assert await redis.client_kill_filter(_type="pubsub") >= 1
+    await until_refreshed(indexes, before)
+    np.testing.assert_allclose(indexed(indexes, silent), normalised(rows), rtol=1e-6)  # type: ignore[arg-type]
