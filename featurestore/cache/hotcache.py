@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from featurestore import metrics
@@ -49,6 +49,7 @@ from featurestore.cache.rows import RowCache
 from featurestore.cache.sketch import HotKeys
 from featurestore.cache.warmup import Warmup
 from featurestore.errors import Unavailable
+from featurestore.lookup import Fetch
 from featurestore.store import keys
 from featurestore.store.events import DEFAULT_WARM_KEYS, EventSubscriber, Gap, WarmEvent, WrittenEvent
 from featurestore.store.pipe import RedisPipe
@@ -59,8 +60,6 @@ __all__ = ["CacheStatus", "HotCache"]
 log = logging.getLogger(__name__)
 
 _DRAIN_S = 0.01  # how often queued keys are counted and counters exported
-
-Fetch = Callable[[list[bytes]], Awaitable[list[bytes | None]]]
 
 
 @dataclass(frozen=True, slots=True)
