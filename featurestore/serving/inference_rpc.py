@@ -25,9 +25,7 @@ from featurestore.retrieval.search import ids_from_bytes
 from featurestore.serving import wire
 from featurestore.store.pipe import RedisPipe
 
-__all__ = ["MODELS_FILE", "InferenceRpc"]
-
-MODELS_FILE = "models.yaml"  # next to feature_store.yaml in the Feast repo
+__all__ = ["InferenceRpc"]
 
 
 class InferenceRpc:
@@ -39,24 +37,24 @@ class InferenceRpc:
     @classmethod
     async def start(
         cls,
-        repo: Path,
+        models_path: Path,
         registry: Registry,
         lookup: Lookup,
         redis_url: str,
         redis_timeout_s: float,
         indexes: ViewIndexes | None,
     ) -> InferenceRpc:
-        """Load the models of `repo`/models.yaml (a model that fails is logged, not served).
+        """Load the models declared in `models_path` (a model that fails is logged, not served).
 
         Batches read through a pipelined Redis connection of their own.
         """
-        models = ModelRegistry(repo / MODELS_FILE, registry)
+        models = ModelRegistry(models_path, registry)
         await models.load_all()
         pipe = RedisPipe.from_url(redis_url, timeout_s=redis_timeout_s)
         return cls(Scorer(models, lookup, pipe, indexes))
 
     async def reload(self, registry: Registry | None = None) -> dict[str, str]:
-        """Re-read models.yaml: changed models load beside the serving ones and swap in."""
+        """Re-read the models file: changed models load beside the serving ones and swap in."""
         return await self.scorer.models.reload(registry)
 
     async def close(self) -> None:

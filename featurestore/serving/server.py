@@ -167,25 +167,30 @@ class FeatureServer:
         registry = await asyncio.to_thread(load_registry, settings.repo)
         # redis-py for everything but the read hot path, which has its own pipelined
         # connection (store/pipe.py: a quarter of a lookup's budget saved).
-        redis = self.redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
-        pipe = RedisPipe.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
-        if settings.cache_bytes > 0:
+        redis = self.redis = connect(settings.redis_url, timeout_s=settings.server.redis_timeout_s)
+        pipe = RedisPipe.from_url(settings.redis_url, timeout_s=settings.server.redis_timeout_s)
+        if settings.cache.budget_bytes > 0:
             self.cache = HotCache(
                 registry.project,
                 settings.redis_url,
-                cache_bytes=settings.cache_bytes,
-                max_staleness_s=settings.cache_max_staleness_s,
-                max_age_s=settings.cache_max_age_s,
-                publish_s=settings.hot_publish_s,
+                cache_bytes=settings.cache.budget_bytes,
+                max_staleness_s=settings.cache.max_staleness_s,
+                max_age_s=settings.cache.max_age_s,
+                publish_s=settings.cache.hot_publish_s,
             )
             self.cache.start()
-        self.lookup = Lookup(pipe, registry, max_rows=settings.max_rows, cache=self.cache)
+        self.lookup = Lookup(pipe, registry, max_rows=settings.server.max_rows, cache=self.cache)
         self.indexes = ViewIndexes(
-            registry, settings.redis_url, _index_config(settings), refresh_s=settings.index_refresh_s
+            registry, settings.redis_url, _index_config(settings), refresh_s=settings.index.refresh_s
         )
         self.indexes.start()
         self.inference = await InferenceRpc.start(
-            settings.repo, registry, self.lookup, settings.redis_url, settings.redis_timeout_s, self.indexes
+            settings.models_path,
+            registry,
+            self.lookup,
+            settings.redis_url,
+            settings.server.redis_timeout_s,
+            self.indexes,
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server = self._build_server(self.lookup)
@@ -194,19 +199,19 @@ class FeatureServer:
             raise ConfigError(f"cannot bind gRPC to {settings.address}")
         await self._server.start()
         self._tasks.append(asyncio.create_task(self._become_ready(redis)))
-        if settings.registry_refresh_s > 0:
+        if settings.server.registry_refresh_s > 0:
             self._tasks.append(asyncio.create_task(self._refresh_forever()))
-        log.info("featurestore listening on %s:%d", settings.host, self.port)
+        log.info("featurestore listening on %s:%d", settings.server.host, self.port)
         return self.port
 
     def _build_server(self, lookup: Lookup) -> aio.Server:
         options = [
-            ("grpc.so_reuseport", 1 if self.settings.workers > 1 else 0),
+            ("grpc.so_reuseport", 1 if self.settings.server.workers > 1 else 0),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
         server = aio.server(interceptors=[ErrorInterceptor()], options=options)
-        servicer = FeatureStoreServicer(lookup, self.settings.redis_timeout_s, self.indexes, self.inference)
+        servicer = FeatureStoreServicer(lookup, self.settings.server.redis_timeout_s, self.indexes, self.inference)
         pb_grpc.add_FeatureStoreServicer_to_server(servicer, server)
         pb_grpc.add_FeatureStoreAdminServicer_to_server(AdminServicer(self.cache), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -232,9 +237,9 @@ class FeatureServer:
                 delay = min(delay * 2, 2.0)
         if self.cache is not None:  # listening first: an event during warm-up counts
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.warm_budget_s):
+                async with asyncio.timeout(self.settings.cache.warm_budget_s):
                     await self.cache.wait_ready()
-            await self.cache.warm(budget_s=self.settings.warm_budget_s)
+            await self.cache.warm(budget_s=self.settings.cache.warm_budget_s)
         if self.indexes is not None:  # readiness includes every embedding view's index
             await self.indexes.wait_ready()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -254,7 +259,7 @@ class FeatureServer:
 
     async def _refresh_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.registry_refresh_s)
+            await asyncio.sleep(self.settings.server.registry_refresh_s)
             try:
                 await self.reload()
             except Exception:  # a bad registry must not stop the serving one
@@ -266,7 +271,7 @@ class FeatureServer:
         self._tasks.clear()
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
-            await self._server.stop(self.settings.grace_s if grace_s is None else grace_s)
+            await self._server.stop(self.settings.server.grace_s if grace_s is None else grace_s)
             self._server = None
         if self.inference is not None:
             await self.inference.close()
@@ -285,7 +290,7 @@ class FeatureServer:
 
 
 def _index_config(settings: Settings) -> IndexConfig:
-    return IndexConfig(exact_max=settings.index_exact_max, approximate=settings.index_approximate)
+    return IndexConfig(exact_max=settings.index.exact_max, approximate=settings.index.approximate)
 
 
 async def run(settings: Settings) -> None:
@@ -293,7 +298,7 @@ async def run(settings: Settings) -> None:
     import gc
     import signal
 
-    metrics.serve_metrics(settings.metrics_port)
+    metrics.serve_metrics(settings.server.metrics_port)
     server = FeatureServer(settings)
     await server.start()
     # Everything alive now lives as long as the process: keep the collector off it, so
@@ -305,5 +310,5 @@ async def run(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
-    log.info("stopping: NOT_SERVING, draining for up to %.1f s", settings.grace_s)
+    log.info("stopping: NOT_SERVING, draining for up to %.1f s", settings.server.grace_s)
     await server.stop()

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from featurestore import AsyncClient, Client
-from featurestore.config import Settings
+from featurestore.config import ServerSettings, Settings
 from featurestore.decode import NOT_FOUND, NULL_VALUE, OUTSIDE_MAX_AGE, PRESENT
 from featurestore.embedded import EmbeddedRedis
 from featurestore.errors import FeatureStoreError
@@ -63,7 +63,11 @@ def repo(make_repo: Callable[[str, Mapping[str, str]], Path]) -> Path:
 
 @pytest.fixture(scope="module")
 async def server(repo: Path, redis_url: str) -> AsyncIterator[FeatureServer]:
-    settings = Settings(repo=repo, redis_url=redis_url, host="127.0.0.1", port=0, registry_refresh_s=0, max_rows=10_000)
+    settings = Settings(
+        repo=repo,
+        redis_url=redis_url,
+        server=ServerSettings(host="127.0.0.1", port=0, registry_refresh_s=0, max_rows=10_000),
+    )
     server = FeatureServer(settings)
     await server.start()
     yield server
@@ -287,7 +291,9 @@ async def test_redis_down_is_unavailable_and_the_server_recovers(repo: Path, tmp
     redis = EmbeddedRedis(tmp_path / "redis")
     redis.start()
     settings = Settings(
-        repo=repo, redis_url=redis.url, host="127.0.0.1", port=0, registry_refresh_s=0, redis_timeout_s=0.5
+        repo=repo,
+        redis_url=redis.url,
+        server=ServerSettings(host="127.0.0.1", port=0, registry_refresh_s=0, redis_timeout_s=0.5),
     )
     server = FeatureServer(settings)
     await server.start()
