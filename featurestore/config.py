@@ -14,7 +14,10 @@ Nothing deeper in the package reads the environment or the command line: the CLI
 (featurestore/cli/) builds a `Settings` from flags and environment variables and passes it
 down, so a bad setting fails at start-up. Every option is declared once, as a field below
 with its default, help text and bounds; `OPTIONS` lists them for the CLI, which builds
-`featurestore serve` and its --help from them.
+`featurestore serve` and its --help from them. A new option is a field in its group,
+`field(default=..., metadata=_meta("help text with its unit", ...))`, and an entry
+below; tests/unit/test_config.py fails until the entry gives its flag, variable, default
+and help text.
 
 Options
 -------
@@ -178,7 +181,7 @@ class Option:
         if self.kind is Path:
             if not isinstance(value, (str, os.PathLike)):
                 raise ConfigError(f"{self.name} must be a path, not {value!r}")
-            return Path(value)
+            return value if isinstance(value, Path) else Path(value)
         if self.kind is int:
             low, high = self.bounds or (-(2**63), 2**63 - 1)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:

@@ -10,8 +10,9 @@ stay in featurestore/config.py alone. An empty variable counts as unset (a conta
 template that writes `NAME=` means "not set"). A variable that does not parse, or holds
 a value out of range, raises an error whose one line names the variable.
 
-This module, called by the commands at the edge, is the only place that reads the
-environment; `featurestore-materialize` uses `environment_value` for its own options.
+The commands (cli/main.py, materialize/__main__.py) hand os.environ in; nothing below
+them reads the environment. `featurestore-materialize` uses `environment_value` for its
+own options, so both commands name and parse their variables the same way.
 """
 
 from __future__ import annotations
