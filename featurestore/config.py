@@ -1,23 +1,129 @@
-"""The server's settings: read once at the edge, frozen, validated on construction.
+"""The server's settings: grouped, frozen, validated on construction, read once at the edge.
 
-    >>> Settings(repo=Path("feature_repo"), redis_url="redis://:secret@10.0.0.5:6379/0")
-    Settings(repo=PosixPath('feature_repo'), redis_url='redis://:***@10.0.0.5:6379/0', ...)
+    settings = Settings(
+        repo=Path("feature_repo"),
+        redis_url="redis://:secret@10.0.0.5:6379/0",
+        server=ServerSettings(port=50051, workers=4),
+        cache=CacheSettings(budget_bytes=512 << 20),
+    )
+    settings.address       # '0.0.0.0:50051'
+    settings.models_path   # PosixPath('feature_repo/models.yaml')
+    settings               # Settings(repo=..., redis_url='redis://:***@10.0.0.5:6379/0', server=...)
 
-Nothing deeper in the package reads the environment or the command line: `__main__`
-builds a `Settings` and passes it down, so a bad setting fails at start-up.
+Nothing deeper in the package reads the environment or the command line: the CLI
+(featurestore/cli/) builds a `Settings` from flags and environment variables and passes it
+down, so a bad setting fails at start-up. Every option is declared once, as a field below
+with its default, help text and bounds; `OPTIONS` lists them for the CLI, which builds
+`featurestore serve` and its --help from them. A new option is a field in its group,
+`field(default=..., metadata=_meta("help text with its unit", ...))`, and an entry
+below; tests/unit/test_config.py fails until the entry gives its flag, variable, default
+and help text.
+
+Options
+-------
+Each option is a flag of `featurestore serve` and an environment variable FEATURESTORE_<NAME>,
+NAME being the flag without its dashes in upper case (--redis reads FEATURESTORE_REDIS_URL).
+A flag wins over the environment, the environment over the default; an empty variable
+counts as unset. A value that does not parse or is out of range stops the start with one
+line naming the option or the variable (exit code 2). Seconds are floats.
+
+`Settings` itself:
+
+--repo PATH  FEATURESTORE_REPO  default feature_repo
+    The Feast repo folder: feature_store.yaml and its applied registry (and, by default,
+    models.yaml).
+--redis REDIS_URL  FEATURESTORE_REDIS_URL  default redis://127.0.0.1:6379/0
+    The Redis holding the materialized features: redis://[user:password@]host:port/db,
+    rediss:// (TLS) or unix:// (a socket path). Its password is never printed.
+
+`server` (`ServerSettings`), the gRPC server and its processes:
+
+--host HOST  FEATURESTORE_HOST  default 0.0.0.0
+    The interface gRPC listens on (0.0.0.0: every IPv4 interface).
+--port N  FEATURESTORE_PORT  default 50051
+    The gRPC port, 0 to 65535 (0: any free port; only with one worker).
+--workers N  FEATURESTORE_WORKERS  default 1
+    Server processes sharing the port (SO_REUSEPORT), one event loop each, 1 to 256; only
+    the first one serves /metrics.
+--grace-s SECONDS  FEATURESTORE_GRACE_S  default 5 s
+    Seconds in-flight calls may take to finish after SIGTERM (health turns NOT_SERVING
+    first).
+--metrics-port N  FEATURESTORE_METRICS_PORT  default 0
+    The port of the Prometheus /metrics HTTP server, 0 to 65535 (0: no metrics server).
+--registry-refresh-s SECONDS  FEATURESTORE_REGISTRY_REFRESH_S  default 30 s
+    Seconds between re-reads of the Feast registry and of the models file, so that `feast
+    apply` takes effect without a restart (0: never).
+--max-rows N  FEATURESTORE_MAX_ROWS  default 10000
+    Entity rows allowed in one request, 1 to 10000.
+--redis-timeout-s SECONDS  FEATURESTORE_REDIS_TIMEOUT_S  default 1 s
+    The socket timeout of every Redis call in seconds, > 0; a call that takes longer fails
+    with UNAVAILABLE.
+
+`cache` (`CacheSettings`), the hot-key row cache (featurestore/cache/hotcache.py):
+
+--cache-bytes N  FEATURESTORE_CACHE_BYTES  default 268435456 (256 MiB)
+    The hot-key row cache's budget in bytes, plus a 16 MiB sketch; 0 turns the cache off.
+    Under Zipf traffic it serves about 90 percent of rows from memory (bench_hotcache).
+--cache-max-staleness-s SECONDS  FEATURESTORE_CACHE_MAX_STALENESS_S  default 5 s
+    The longest time in seconds a row rewritten by materialization is still served from
+    the cache should the run's announcement be lost (the version poll's lease); > 0 with
+    a cache.
+--cache-max-age-s SECONDS  FEATURESTORE_CACHE_MAX_AGE_S  default 600 s
+    The longest time in seconds any cached row is served after it was read from Redis
+    (this covers writes that materialization does not announce); > 0 with a cache.
+--hot-publish-s SECONDS  FEATURESTORE_HOT_PUBLISH_S  default 30 s
+    Seconds between publications of this server's hot keys to the fleet's hot set (0:
+    never).
+--warm-budget-s SECONDS  FEATURESTORE_WARM_BUDGET_S  default 10 s
+    Seconds start-up may spend warming the cache from the fleet's hot set before health
+    turns SERVING.
+
+`index` (`IndexSettings`), the retrieval indexes of embedding views:
+
+--index-refresh-s SECONDS  FEATURESTORE_INDEX_REFRESH_S  default 300 s
+    Seconds between checks of every retrieval index against Redis, in case a
+    materialization event was lost (0: never).
+--index-exact-max N  FEATURESTORE_INDEX_EXACT_MAX  default 50000
+    An embedding view with fewer vectors than this gets an exact (flat) index; at and
+    above, the --index-approximate one. A count, at least 1.
+--index-approximate {hnsw,ivf}  FEATURESTORE_INDEX_APPROXIMATE  default hnsw
+    The approximate index of large embedding views: hnsw or ivf.
+
+`inference` (`InferenceSettings`), the models Predict and Rank serve:
+
+--models PATH  FEATURESTORE_MODELS  default unset
+    The models file, which declares the ONNX models and their inputs; unset, it is
+    models.yaml in the repo. No file there means no models.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from featurestore.errors import ConfigError
 from featurestore.limits import MAX_ROWS
 
-__all__ = ["Settings", "redact_url"]
+__all__ = [
+    "GROUPS",
+    "MODELS_FILE",
+    "OPTIONS",
+    "OPTIONS_BY_NAME",
+    "CacheSettings",
+    "IndexSettings",
+    "InferenceSettings",
+    "Option",
+    "ServerSettings",
+    "Settings",
+    "redact_url",
+]
+
+MODELS_FILE = "models.yaml"  # the default models file, next to feature_store.yaml in the repo
 
 
 def redact_url(url: str) -> str:
@@ -32,111 +138,368 @@ def redact_url(url: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Option:
+    """One setting as the command line and the environment see it (the module docstring lists them).
+
+    Attributes:
+        name: e.g. "cache_bytes": the flag is --cache-bytes, the variable FEATURESTORE_CACHE_BYTES,
+            and errors name the option so.
+        flag: the command-line flag, e.g. "--cache-bytes" ("--redis" for redis_url).
+        group: the `Settings` field holding it, e.g. "cache"; "" for `Settings`' own fields.
+        attr: its field in that group, e.g. "budget_bytes".
+        kind: int, float (seconds), str or Path.
+        default: its default value.
+        help: what it means, with its unit (the CLI adds the default and the variable).
+        choices: the allowed values of a Literal field; empty when any value of `kind` goes.
+        bounds: the lowest and highest value of an int.
+        above_zero: a float that must be > 0 (the others must be >= 0).
+        optional: None is allowed and means what `help` says.
+        extra: a further check of the value, raising ConfigError.
+    """
+
+    name: str
+    flag: str
+    group: str
+    attr: str
+    kind: type[Any]
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    bounds: tuple[int, int] | None = None
+    above_zero: bool = False
+    optional: bool = False
+    extra: Callable[[Any], None] | None = None
+
+    def check(self, value: Any) -> Any:
+        """`value` if it is valid for this option (a str becomes a Path); ConfigError naming the option if not.
+
+        Example: OPTIONS_BY_NAME["port"].check(70000) raises
+        ConfigError("port must be an integer from 0 to 65535, not 70000").
+        """
+        if value is None and self.optional:
+            return value
+        if self.kind is Path:
+            if not isinstance(value, (str, os.PathLike)):
+                raise ConfigError(f"{self.name} must be a path, not {value!r}")
+            return value if isinstance(value, Path) else Path(value)
+        if self.kind is int:
+            low, high = self.bounds or (-(2**63), 2**63 - 1)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ConfigError(f"{self.name} must be an integer from {low} to {high}, not {value!r}")
+        elif self.kind is float:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{self.name} must be a number of seconds, not {value!r}")
+            if self.above_zero and not value > 0:
+                raise ConfigError(f"{self.name} must be > 0 seconds, not {value}")
+            if not value >= 0:  # also refuses NaN
+                raise ConfigError(f"{self.name} must be >= 0 seconds, not {value}")
+        elif self.choices and value not in self.choices:
+            raise ConfigError(f"{self.name} must be {' or '.join(self.choices)}, not {value!r}")
+        elif not isinstance(value, str):
+            raise ConfigError(f"{self.name} must be a string, not {value!r}")
+        if self.extra is not None:
+            self.extra(value)
+        return value
+
+
+def _meta(
+    help: str,
+    *,
+    name: str = "",
+    flag: str = "",
+    bounds: tuple[int, int] | None = None,
+    above_zero: bool = False,
+    extra: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:
+    """The metadata of a settings field: everything its `Option` needs; `name` defaults to the field's."""
+    return {
+        "option": {"help": help, "name": name, "flag": flag, "bounds": bounds, "above_zero": above_zero, "extra": extra}
+    }
+
+
+def _declare(cls: type[Any]) -> tuple[Option, ...]:
+    """The options declared by the fields of `cls` (with group "")."""
+    hints = typing.get_type_hints(cls)
+    options = []
+    for f in fields(cls):
+        if "option" not in f.metadata:
+            continue
+        declared = f.metadata["option"]
+        hint, choices, optional = hints[f.name], (), False
+        if typing.get_origin(hint) is Literal:
+            hint, choices = str, typing.get_args(hint)
+        elif type(None) in typing.get_args(hint):
+            hint, optional = next(a for a in typing.get_args(hint) if a is not type(None)), True
+        name = declared["name"] or f.name
+        options.append(
+            Option(
+                name=name,
+                flag=declared["flag"] or "--" + name.replace("_", "-"),
+                group="",
+                attr=f.name,
+                kind=hint,
+                default=f.default,
+                help=declared["help"],
+                choices=choices,
+                bounds=declared["bounds"],
+                above_zero=declared["above_zero"],
+                optional=optional,
+                extra=declared["extra"],
+            )
+        )
+    return tuple(options)
+
+
+def _validate(settings: Any) -> None:
+    """Check every option field of `settings` (a frozen dataclass), normalising in place (str -> Path)."""
+    for option in _DECLARED[type(settings)]:
+        value = getattr(settings, option.attr)
+        checked = option.check(value)
+        if checked is not value:
+            object.__setattr__(settings, option.attr, checked)
+
+
+def _check_redis_url(url: str) -> None:
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"redis url {redact_url(url)!r} must start with redis://, rediss:// or unix://")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """The gRPC server and its processes."""
+
+    host: str = field(
+        default="0.0.0.0", metadata=_meta("The interface gRPC listens on (0.0.0.0: every IPv4 interface).")
+    )
+    port: int = field(
+        default=50051,
+        metadata=_meta("The gRPC port, 0 to 65535 (0: any free port; only with one worker).", bounds=(0, 65535)),
+    )
+    workers: int = field(
+        default=1,
+        metadata=_meta(
+            "Server processes sharing the port (SO_REUSEPORT), one event loop each, 1 to 256;"
+            " only the first one serves /metrics.",
+            bounds=(1, 256),
+        ),
+    )
+    grace_s: float = field(
+        default=5.0,
+        metadata=_meta("Seconds in-flight calls may take to finish after SIGTERM (health turns NOT_SERVING first)."),
+    )
+    metrics_port: int = field(
+        default=0,
+        metadata=_meta(
+            "The port of the Prometheus /metrics HTTP server, 0 to 65535 (0: no metrics server).", bounds=(0, 65535)
+        ),
+    )
+    registry_refresh_s: float = field(
+        default=30.0,
+        metadata=_meta(
+            "Seconds between re-reads of the Feast registry and of the models file, so that `feast apply`"
+            " takes effect without a restart (0: never)."
+        ),
+    )
+    max_rows: int = field(
+        default=MAX_ROWS, metadata=_meta(f"Entity rows allowed in one request, 1 to {MAX_ROWS}.", bounds=(1, MAX_ROWS))
+    )
+    redis_timeout_s: float = field(
+        default=1.0,
+        metadata=_meta(
+            "The socket timeout of every Redis call in seconds, > 0; a call that takes longer fails with UNAVAILABLE.",
+            above_zero=True,
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        if self.workers > 1 and self.port == 0:
+            raise ConfigError("workers > 1 share one port: give an explicit --port, not 0")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    """The hot-key row cache (featurestore/cache/hotcache.py)."""
+
+    budget_bytes: int = field(
+        default=256 << 20,
+        metadata=_meta(
+            "The hot-key row cache's budget in bytes, plus a 16 MiB sketch; 0 turns the cache off. Under Zipf"
+            " traffic it serves about 90 percent of rows from memory (bench_hotcache).",
+            name="cache_bytes",
+            bounds=(0, 2**62),
+        ),
+    )
+    max_staleness_s: float = field(
+        default=5.0,
+        metadata=_meta(
+            "The longest time in seconds a row rewritten by materialization is still served from the cache"
+            " should the run's announcement be lost (the version poll's lease); > 0 with a cache.",
+            name="cache_max_staleness_s",
+        ),
+    )
+    max_age_s: float = field(
+        default=600.0,
+        metadata=_meta(
+            "The longest time in seconds any cached row is served after it was read from Redis (this covers"
+            " writes that materialization does not announce); > 0 with a cache.",
+            name="cache_max_age_s",
+        ),
+    )
+    hot_publish_s: float = field(
+        default=30.0,
+        metadata=_meta("Seconds between publications of this server's hot keys to the fleet's hot set (0: never)."),
+    )
+    warm_budget_s: float = field(
+        default=10.0,
+        metadata=_meta(
+            "Seconds start-up may spend warming the cache from the fleet's hot set before health turns SERVING."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        if self.budget_bytes and not (self.max_staleness_s and self.max_age_s):
+            raise ConfigError("with a cache, cache_max_staleness_s and cache_max_age_s must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class IndexSettings:
+    """The retrieval indexes of embedding views (featurestore/retrieval/)."""
+
+    refresh_s: float = field(
+        default=300.0,
+        metadata=_meta(
+            "Seconds between checks of every retrieval index against Redis, in case a materialization event"
+            " was lost (0: never).",
+            name="index_refresh_s",
+        ),
+    )
+    exact_max: int = field(
+        default=50_000,
+        metadata=_meta(
+            "An embedding view with fewer vectors than this gets an exact (flat) index; at and above, the"
+            " --index-approximate one. A count, at least 1.",
+            name="index_exact_max",
+            bounds=(1, 2**62),
+        ),
+    )
+    approximate: Literal["hnsw", "ivf"] = field(
+        default="hnsw",
+        metadata=_meta("The approximate index of large embedding views: hnsw or ivf.", name="index_approximate"),
+    )
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceSettings:
+    """The models Predict and Rank serve (featurestore/inference/)."""
+
+    models: Path | None = field(
+        default=None,
+        metadata=_meta(
+            f"The models file, which declares the ONNX models and their inputs; unset, it is {MODELS_FILE} in"
+            " the repo. No file there means no models."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
 class Settings:
-    """Everything `featurestore serve` needs.
+    """Everything `featurestore serve` needs; each group validates itself on construction.
 
     Parameters:
         repo: the Feast repo folder (with feature_store.yaml and an applied registry).
-        redis_url: redis://[:password@]host:port/db (or rediss://, unix://); printed
-            with its password hidden.
-        host, port: where gRPC listens; port 0 picks a free one.
-        workers: server processes sharing the port (SO_REUSEPORT), one event loop each.
-        registry_refresh_s: how often the registry is re-read (0: never).
-        max_rows: entity rows allowed per request (1 to 10,000).
-        redis_timeout_s: socket timeout of every Redis call, float seconds.
-        metrics_port: Prometheus /metrics HTTP port (0: none).
-        grace_s: how long in-flight calls may finish after SIGTERM, float seconds.
-        index_refresh_s: how often every retrieval index is re-checked against the
-            store, float seconds, in case a materialization event was lost (0: never).
-        index_exact_max: an embedding view with fewer vectors gets an exact (flat)
-            index; at and above, `index_approximate`.
-        index_approximate: "hnsw" or "ivf".
-        cache_bytes: the hot-key row cache's budget in bytes (0: no cache); see
-            featurestore/cache/hotcache.py. On by default (256 MiB, plus a 16 MiB sketch):
-            under Zipf traffic it serves ~90% of rows from memory (bench_hotcache).
-        cache_max_staleness_s: the longest a row rewritten by materialization is served
-            from the cache after the run announced it, should the announcement be lost
-            (the version poll's lease), float seconds.
-        cache_max_age_s: the longest any cached row is served after it was read from
-            Redis, float seconds (covers writes materialization does not announce).
-        hot_publish_s: how often this server publishes its hot keys to the fleet's
-            set, float seconds (0: never).
-        warm_budget_s: how long start-up may spend warming the cache before SERVING.
+        redis_url: redis://[:password@]host:port/db (or rediss://, unix://); printed with
+            its password hidden.
+        server: where and how gRPC serves (`ServerSettings`).
+        cache: the hot-key row cache (`CacheSettings`).
+        index: the retrieval indexes (`IndexSettings`).
+        inference: the models (`InferenceSettings`).
+
+    The module docstring describes every option; `Settings.from_options` builds one from
+    option names, as the command line does.
     """
 
-    repo: Path
-    redis_url: str = field(repr=False)
-    host: str = "0.0.0.0"
-    port: int = 50051
-    workers: int = 1
-    registry_refresh_s: float = 30.0
-    max_rows: int = MAX_ROWS
-    redis_timeout_s: float = 1.0
-    metrics_port: int = 0
-    grace_s: float = 5.0
-    index_refresh_s: float = 300.0
-    index_exact_max: int = 50_000
-    index_approximate: Literal["hnsw", "ivf"] = "hnsw"
-    cache_bytes: int = 256 << 20
-    cache_max_staleness_s: float = 5.0
-    cache_max_age_s: float = 600.0
-    hot_publish_s: float = 30.0
-    warm_budget_s: float = 10.0
+    repo: Path = field(
+        default=Path("feature_repo"),
+        metadata=_meta(
+            f"The Feast repo folder: feature_store.yaml and its applied registry (and, by default, {MODELS_FILE})."
+        ),
+    )
+    redis_url: str = field(
+        default="redis://127.0.0.1:6379/0",
+        metadata=_meta(
+            "The Redis holding the materialized features: redis://[user:password@]host:port/db, rediss://"
+            " (TLS) or unix:// (a socket path). Its password is never printed.",
+            flag="--redis",
+            extra=_check_redis_url,
+        ),
+    )
+    server: ServerSettings = field(default_factory=ServerSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    index: IndexSettings = field(default_factory=IndexSettings)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "repo", Path(self.repo))
-        scheme = urlsplit(self.redis_url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError(
-                f"redis url {redact_url(self.redis_url)!r} must start with redis://, rediss:// or unix://"
-            )
-        _check_range("port", self.port, 0, 65535)
-        _check_range("metrics_port", self.metrics_port, 0, 65535)
-        _check_range("workers", self.workers, 1, 256)
-        _check_range("max_rows", self.max_rows, 1, MAX_ROWS)
-        if self.workers > 1 and self.port == 0:
-            raise ConfigError("workers > 1 share one port: give an explicit --port, not 0")
-        _check_range("index_exact_max", self.index_exact_max, 1, 2**62)
-        if self.index_approximate not in ("hnsw", "ivf"):
-            raise ConfigError(f"index_approximate must be hnsw or ivf, not {self.index_approximate!r}")
-        _check_range("cache_bytes", self.cache_bytes, 0, 2**62)
-        for name in (
-            "registry_refresh_s",
-            "redis_timeout_s",
-            "grace_s",
-            "index_refresh_s",
-            "cache_max_staleness_s",
-            "cache_max_age_s",
-            "hot_publish_s",
-            "warm_budget_s",
-        ):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0 seconds, not {getattr(self, name)}")
-        if self.cache_bytes and not (self.cache_max_staleness_s and self.cache_max_age_s):
-            raise ConfigError("with a cache, cache_max_staleness_s and cache_max_age_s must be > 0")
-        if self.redis_timeout_s == 0:
-            raise ConfigError("redis_timeout_s must be > 0 seconds")
+        _validate(self)
+        for name, group in GROUPS.items():
+            if not isinstance(getattr(self, name), group):
+                raise ConfigError(f"Settings.{name} must be a {group.__name__}, not {getattr(self, name)!r}")
 
     def __repr__(self) -> str:
         return (
-            f"Settings(repo={self.repo!r}, redis_url={redact_url(self.redis_url)!r},"
-            f" host={self.host!r}, port={self.port}, workers={self.workers},"
-            f" registry_refresh_s={self.registry_refresh_s}, max_rows={self.max_rows},"
-            f" redis_timeout_s={self.redis_timeout_s}, metrics_port={self.metrics_port},"
-            f" grace_s={self.grace_s}, index_refresh_s={self.index_refresh_s},"
-            f" index_exact_max={self.index_exact_max},"
-            f" index_approximate={self.index_approximate!r},"
-            f" cache_bytes={self.cache_bytes},"
-            f" cache_max_staleness_s={self.cache_max_staleness_s},"
-            f" cache_max_age_s={self.cache_max_age_s},"
-            f" hot_publish_s={self.hot_publish_s}, warm_budget_s={self.warm_budget_s})"
+            f"Settings(repo={self.repo!r}, redis_url={redact_url(self.redis_url)!r}, server={self.server!r},"
+            f" cache={self.cache!r}, index={self.index!r}, inference={self.inference!r})"
         )
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """host:port, where gRPC listens."""
+        return f"{self.server.host}:{self.server.port}"
+
+    @property
+    def models_path(self) -> Path:
+        """The models file: `inference.models`, or models.yaml in the repo when unset."""
+        return self.inference.models if self.inference.models is not None else self.repo / MODELS_FILE
+
+    @classmethod
+    def from_options(cls, values: Mapping[str, Any]) -> Settings:
+        """Settings from option names to values (see `OPTIONS`); options not given keep their defaults.
+
+        Example: Settings.from_options({"redis_url": "redis://r:6379/0", "cache_bytes": 0, "port": 8000})
+        gives Settings(redis_url=..., cache=CacheSettings(budget_bytes=0), server=ServerSettings(port=8000)).
+        """
+        unknown = sorted(set(values) - set(OPTIONS_BY_NAME))
+        if unknown:
+            raise ConfigError(f"unknown settings {', '.join(unknown)}; the options are {', '.join(OPTIONS_BY_NAME)}")
+        own: dict[str, Any] = {}
+        groups: dict[str, dict[str, Any]] = {name: {} for name in GROUPS}
+        for name, value in values.items():
+            option = OPTIONS_BY_NAME[name]
+            (groups[option.group] if option.group else own)[option.attr] = value
+        return cls(**own, **{name: GROUPS[name](**kw) for name, kw in groups.items()})
 
 
-def _check_range(name: str, value: int, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{name} must be an integer from {low} to {high}, not {value!r}")
+def _groups() -> dict[str, type[Any]]:
+    hints = typing.get_type_hints(Settings)
+    return {f.name: hints[f.name] for f in fields(Settings) if is_dataclass(hints[f.name])}
+
+
+GROUPS: dict[str, type[Any]] = _groups()
+"""The groups of `Settings` by field name: {"server": ServerSettings, "cache": CacheSettings, ...}."""
+# Each class's options, read once from its fields (the checks in __post_init__ walk these).
+_CLASSES: tuple[type[Any], ...] = (Settings, *GROUPS.values())
+_DECLARED: dict[type[Any], tuple[Option, ...]] = {cls: _declare(cls) for cls in _CLASSES}
+
+OPTIONS: tuple[Option, ...] = _DECLARED[Settings] + tuple(
+    replace(option, group=group) for group, cls in GROUPS.items() for option in _DECLARED[cls]
+)
+"""Every option, in the order of the module docstring."""
+
+OPTIONS_BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}

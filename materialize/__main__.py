@@ -8,6 +8,12 @@
 every running server re-reads the fleet's hot set (`<project>:__meta__:hot`) into its
 hot-key cache (featurestore/cache/hotcache.py); servers without a cache ignore it.
 
+Every option but -v can also be set by its environment variable, the flag without dashes
+in upper case after FEATURESTORE_ (FEATURESTORE_REPO, FEATURESTORE_REDIS_URL for --redis,
+FEATURESTORE_DSN, FEATURESTORE_VIEWS, FEATURESTORE_BATCH_ROWS, FEATURESTORE_EXPIRY_GRACE_S,
+FEATURESTORE_LOCK_TTL_S), as for `featurestore serve`: a flag wins over the variable, the
+variable over the default, and an empty variable counts as unset.
+
 Prints one summary line on stdout on success. On failure it prints one line on stderr
 (no traceback unless -v) and exits with a code the scheduler can branch on:
 
@@ -23,12 +29,15 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from redis.exceptions import RedisError
 
+from featurestore.cli.options import environment_value, variable
+from featurestore.config import OPTIONS_BY_NAME
 from featurestore.errors import (
     ConfigError,
     FeatureStoreError,
@@ -57,17 +66,20 @@ def _moment(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    """The command line; the options' defaults come from `environ` (os.environ) where set."""
+    environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
         prog="featurestore-materialize",
         description="Copy the latest feature values from PostgreSQL into Redis.",
+        epilog="Every option but -v can also be set by its variable; a flag wins over it.",
     )
-    _options(parser)
+    _options(parser, environ)
     modes = parser.add_subparsers(dest="mode", required=True)
     # The options are accepted after the mode too (`incremental --views a`); there they
     # default to SUPPRESS so that an option given before the mode is not overwritten.
     after = argparse.ArgumentParser(add_help=False)
-    _options(after, defaults=False)
+    _options(after, environ, defaults=False)
     modes.add_parser("incremental", parents=[after], help="each view from its watermark up to now")
     backfill = modes.add_parser("backfill", parents=[after], help="a given window; watermarks stay")
     backfill.add_argument("--start", type=_moment, required=True, help="ISO time, inclusive")
@@ -96,35 +108,38 @@ async def _warm(args: argparse.Namespace) -> str:
     return f"warm: asked {reached} subscriber(s) of {project!r} to re-warm {args.limit} hot keys"
 
 
-def _options(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
-    def default(value: object) -> object:
-        return value if defaults else argparse.SUPPRESS
+def _options(parser: argparse.ArgumentParser, environ: Mapping[str, str], *, defaults: bool = True) -> None:
+    """The options every mode takes; each defaults to its FEATURESTORE_<NAME> variable, else to its default."""
 
-    redis_url = os.environ.get("FEATURESTORE_REDIS_URL", "redis://127.0.0.1:6379/0")
-    parser.add_argument("-v", "--verbose", action="count", default=default(0))
+    def option(flag: str, kind: type[Any], default: Any, help: str, *, name: str = "", shown: str = "") -> None:
+        value = environment_value(name or flag, kind, environ) if defaults else None
+        parser.add_argument(
+            flag,
+            type=kind,
+            default=(default if value is None else value) if defaults else argparse.SUPPRESS,
+            help=f"{help} (default: {shown or default}; environment: {variable(name or flag)})",
+        )
+
     parser.add_argument(
-        "--repo", type=Path, default=default(Path("feature_repo")), help="Feast repo (default: feature_repo)"
+        "-v",
+        "--verbose",
+        action="count",
+        default=0 if defaults else argparse.SUPPRESS,
+        help="-v logs progress, -vv debug details and the traceback of a failure",
     )
-    parser.add_argument(
-        "--redis", default=default(redis_url), help="Redis URL (default: $FEATURESTORE_REDIS_URL or local)"
-    )
-    parser.add_argument("--dsn", default=default(None), help="PostgreSQL DSN (default: the repo's offline_store)")
-    parser.add_argument("--views", default=default(""), help="comma-separated views (default: all)")
-    parser.add_argument("--batch-rows", type=int, default=default(1000), help="rows per script call")
-    parser.add_argument(
-        "--expiry-grace-s",
-        type=float,
-        default=default(86_400.0),
-        help="Redis keeps rows this long past their view's TTL",
-    )
-    parser.add_argument(
-        "--lock-ttl-s", type=float, default=default(30.0), help="how long the run lock outlives a run that died"
-    )
+    # The repo and Redis default as for `featurestore serve` (featurestore/config.py).
+    option("--repo", Path, OPTIONS_BY_NAME["repo"].default, "the Feast repo")
+    option("--redis", str, OPTIONS_BY_NAME["redis_url"].default, "Redis URL", name="redis_url")
+    option("--dsn", str, None, "PostgreSQL DSN", shown="the repo's offline_store")
+    option("--views", str, "", "comma-separated views", shown="all")
+    option("--batch-rows", int, 1000, "rows per script call")
+    option("--expiry-grace-s", float, 86_400.0, "seconds Redis keeps rows past their view's TTL")
+    option("--lock-ttl-s", float, 30.0, "seconds the run lock outlives a run that died")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     if args.batch_rows < 1:
-        raise InvalidArgument(f"--batch-rows must be >= 1, not {args.batch_rows}")
+        raise InvalidArgument(f"--batch-rows (FEATURESTORE_BATCH_ROWS) must be >= 1, not {args.batch_rows}")
     return Settings(
         repo=args.repo,
         redis_url=args.redis,
@@ -142,7 +157,12 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    args = _parser().parse_args(argv)
+    try:
+        parser = _parser()
+    except FeatureStoreError as exc:  # a bad FEATURESTORE_* variable: one line, like a bad flag
+        print(f"featurestore-materialize: {exc}", file=sys.stderr)
+        return EXIT_CODES.get(type(exc), 1)
+    args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

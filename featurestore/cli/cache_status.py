@@ -13,7 +13,7 @@ import grpc
 
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
 from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
-from featurestore.serving.servicers import DEFAULT_TOP
+from featurestore.limits import DEFAULT_TOP
 
 __all__ = ["add_arguments", "cache_status", "run"]
 
@@ -28,8 +28,8 @@ def cache_status(target: str, top: int = DEFAULT_TOP, timeout_s: float = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default="127.0.0.1:50051", help="a replica's host:port")
-    parser.add_argument("--top", type=int, default=DEFAULT_TOP, help="hottest keys to list")
+    parser.add_argument("--target", default="127.0.0.1:50051", help="a replica's host:port (default: 127.0.0.1:50051)")
+    parser.add_argument("--top", type=int, default=DEFAULT_TOP, help=f"hottest keys to list (default: {DEFAULT_TOP})")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 

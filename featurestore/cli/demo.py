@@ -31,9 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir", type=Path, default=Path(".data"), help="the embedded servers' files (default: ./.data)"
     )
-    parser.add_argument("--users", type=int, default=100_000)
-    parser.add_argument("--items", type=int, default=20_000)
-    parser.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free one)")
+    parser.add_argument("--users", type=int, default=100_000, help="users to generate (default: 100000)")
+    parser.add_argument("--items", type=int, default=20_000, help="items to generate (default: 20000)")
+    parser.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free one; default: 50051)")
     parser.add_argument("--once", action="store_true", help="exit after the lookup instead of serving until Ctrl-C")
 
 

@@ -1,8 +1,11 @@
 """`featurestore serve|demo|cache-status`: parse arguments, build Settings, run.
 
     featurestore serve --repo feature_repo --redis redis://127.0.0.1:6379/0 --port 50051
+    FEATURESTORE_CACHE_BYTES=0 featurestore serve          # any option from the environment
     featurestore cache-status --target 127.0.0.1:50051 --top 20
 
+The `serve` options are built from the settings' fields (featurestore/config.py, which
+documents each one); every one can also be set by FEATURESTORE_<NAME> (cli/options.py).
 With --workers N > 1, N processes each bind the port with SO_REUSEPORT and run their own
 event loop (Python's GIL: one loop per core); the kernel spreads connections over them.
 """
@@ -17,105 +20,87 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import replace
 from types import FrameType
 
-from featurestore.config import Settings
+from featurestore.cli.options import add_options, option_values
+from featurestore.config import OPTIONS, Settings
 from featurestore.errors import FeatureStoreError
 
 __all__ = ["main"]
 
 log = logging.getLogger("featurestore")
 
+PRODUCT = """\
+A low-latency online feature store: one gRPC service that gives model servers the features
+of many entities (a user and a hundred candidate items) in one call, read from Redis in one
+round trip and returned as typed columns. Features are defined with Feast and copied from
+PostgreSQL into Redis by the cron job `featurestore-materialize`. The same service finds
+nearest neighbours in embedding views (FAISS) and scores candidates with ONNX models.
+"""
+
+EXAMPLES = """\
+examples:
+  featurestore demo                      # everything on embedded Redis and PostgreSQL
+  featurestore serve --repo feature_repo --redis redis://127.0.0.1:6379/0
+  featurestore cache-status --target 127.0.0.1:50051
+
+`featurestore COMMAND --help` describes a command and its options.
+"""
+
+SERVE = """\
+Run the gRPC feature server: GetOnlineFeatures, SearchSimilar, Predict and Rank over the
+Redis that featurestore-materialize fills, with gRPC health, reflection and the admin
+CacheStatus. SIGTERM turns health NOT_SERVING and drains in-flight calls before exiting.
+
+Every option can also be set by the environment variable FEATURESTORE_<NAME> given with it
+(containers and Kubernetes configure by environment). A flag wins over the variable, the
+variable over the default; an empty variable counts as unset. featurestore/config.py
+documents every option.
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="featurestore", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the gRPC feature server")
-    serve.add_argument("--repo", type=Path, default=Path("feature_repo"), help="the Feast repo (default: feature_repo)")
-    serve.add_argument(
-        "--redis",
-        default=os.environ.get("FEATURESTORE_REDIS_URL", "redis://127.0.0.1:6379/0"),
-        help="Redis URL (default: $FEATURESTORE_REDIS_URL or local)",
+    from featurestore.cli import cache_status, demo
+
+    parser = argparse.ArgumentParser(
+        prog="featurestore",
+        description=PRODUCT,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=int, default=50051)
-    serve.add_argument("--workers", type=int, default=1, help="server processes on the port")
-    serve.add_argument("--registry-refresh-s", type=float, default=30.0)
-    serve.add_argument("--redis-timeout-s", type=float, default=1.0)
-    serve.add_argument("--max-rows", type=int, default=10_000)
-    serve.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: off)")
-    serve.add_argument("--grace-s", type=float, default=5.0)
-    serve.add_argument(
-        "--index-refresh-s",
-        type=float,
-        default=300.0,
-        help="re-check retrieval indexes against Redis this often (0: never)",
+    commands = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="run the gRPC feature server (options from flags or FEATURESTORE_* variables)",
+        description=SERVE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument(
-        "--index-exact-max",
-        type=int,
-        default=50_000,
-        help="embedding views smaller than this get an exact index",
-    )
-    serve.add_argument("--index-approximate", choices=("hnsw", "ivf"), default="hnsw")
-    serve.add_argument(
-        "--cache-bytes", type=int, default=256 << 20, help="hot-key row cache budget, bytes (256 MiB; 0: off)"
-    )
-    serve.add_argument(
-        "--cache-max-staleness-s",
-        type=float,
-        default=5.0,
-        help="bound on serving a rewritten row when its event is lost",
-    )
-    serve.add_argument(
-        "--cache-max-age-s", type=float, default=600.0, help="serve a cached row at most this long after reading it"
-    )
-    serve.add_argument(
-        "--hot-publish-s", type=float, default=30.0, help="publish this server's hot keys this often (0: never)"
-    )
-    serve.add_argument(
-        "--warm-budget-s", type=float, default=10.0, help="time allowed to warm the cache before SERVING"
-    )
+    add_options(serve, OPTIONS)
     serve.set_defaults(func=_serve)
-    demo = commands.add_parser("demo", help="the quick start: embedded Redis and PostgreSQL, demo data, server, lookup")
-    from featurestore.cli import demo as demo_command
-
-    demo_command.add_arguments(demo)
-    demo.set_defaults(func=demo_command.run)
-    status = commands.add_parser("cache-status", help="a replica's hot-key cache and hot keys")
-    from featurestore.cli import cache_status as admin
-
-    admin.add_arguments(status)
-    status.set_defaults(func=admin.run)
+    for name, module, help_text in (
+        ("demo", demo, "the quick start: embedded Redis and PostgreSQL, demo data, a server and a lookup"),
+        ("cache-status", cache_status, "print a running server's hot-key cache: hit ratio, budget, hottest keys"),
+    ):
+        command = commands.add_parser(
+            name,
+            help=help_text,
+            description=module.__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.add_arguments(command)
+        command.set_defaults(func=module.run)
     return parser
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings(
-        repo=args.repo,
-        redis_url=args.redis,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        registry_refresh_s=args.registry_refresh_s,
-        redis_timeout_s=args.redis_timeout_s,
-        max_rows=args.max_rows,
-        metrics_port=args.metrics_port,
-        grace_s=args.grace_s,
-        index_refresh_s=args.index_refresh_s,
-        index_exact_max=args.index_exact_max,
-        index_approximate=args.index_approximate,
-        cache_bytes=args.cache_bytes,
-        cache_max_staleness_s=args.cache_max_staleness_s,
-        cache_max_age_s=args.cache_max_age_s,
-        hot_publish_s=args.hot_publish_s,
-        warm_budget_s=args.warm_budget_s,
-    )
+    """The settings of `serve`: its flags, else FEATURESTORE_* variables, else the defaults."""
+    return Settings.from_options(option_values(args, OPTIONS, os.environ))
 
 
 def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it picked: 8 lines of noise
 
 
 def run_worker(settings: Settings) -> None:
@@ -137,12 +122,12 @@ def run_worker(settings: Settings) -> None:
 def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     log.info("serving with %r", settings)
-    if settings.workers == 1:
+    if settings.server.workers == 1:
         run_worker(settings)
         return 0
     context = multiprocessing.get_context("spawn")
     workers = []
-    for i in range(settings.workers):
+    for i in range(settings.server.workers):
         # Only the first worker exposes metrics: the others would collide on its port.
         own = settings if i == 0 else _without_metrics(settings)
         workers.append(context.Process(target=run_worker, args=(own,), name=f"worker-{i}"))
@@ -162,9 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _without_metrics(settings: Settings) -> Settings:
-    from dataclasses import replace
-
-    return replace(settings, metrics_port=0)
+    return replace(settings, server=replace(settings.server, metrics_port=0))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,7 +42,6 @@ from featurestore.registry import Registry
 from featurestore.store.layout import DType
 
 __all__ = [
-    "MODELS_FILE",
     "BatchingConfig",
     "InputColumn",
     "ModelSpec",
@@ -52,7 +51,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MODELS_FILE = "models.yaml"  # next to feature_store.yaml in the Feast repo
 
 REQUEST = "request"  # the pseudo-view of request-time inputs: "request:hour_of_day"
 _REQUEST_TYPES = {"float32": DType.FLOAT32, "int64": DType.INT64, "bool": DType.BOOL}

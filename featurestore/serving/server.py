@@ -41,7 +41,6 @@ from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
 from featurestore.cache.hotcache import HotCache
 from featurestore.config import Settings
 from featurestore.errors import ConfigError, Unavailable
-from featurestore.inference.models import MODELS_FILE
 from featurestore.inference.runtime import ModelRegistry
 from featurestore.inference.scoring import Scorer
 from featurestore.limits import MAX_MESSAGE_BYTES
@@ -102,26 +101,26 @@ class FeatureServer:
         registry = await asyncio.to_thread(load_registry, settings.repo)
         # redis-py for PING; the read hot path has its own pipelined connection
         # (store/pipe.py: a quarter of a lookup's budget saved).
-        redis = connect(settings.redis_url, timeout_s=settings.redis_timeout_s)
+        redis = connect(settings.redis_url, timeout_s=settings.server.redis_timeout_s)
         parts.push_async_callback(redis.aclose)
         events = self.events = EventSubscriber(settings.redis_url, registry.project)  # cache and indexes
-        if settings.cache_bytes > 0:
+        if settings.cache.budget_bytes > 0:
             self.cache = HotCache(
                 registry.project,
                 settings.redis_url,
-                cache_bytes=settings.cache_bytes,
-                max_staleness_s=settings.cache_max_staleness_s,
-                max_age_s=settings.cache_max_age_s,
-                publish_s=settings.hot_publish_s,
+                cache_bytes=settings.cache.budget_bytes,
+                max_staleness_s=settings.cache.max_staleness_s,
+                max_age_s=settings.cache.max_age_s,
+                publish_s=settings.cache.hot_publish_s,
                 events=events,
             )
             parts.push_async_callback(self.cache.close)
             self.cache.start()
-        pipe = RedisPipe.from_url(settings.redis_url, timeout_s=settings.redis_timeout_s)
-        self.lookup = Lookup(pipe, registry, max_rows=settings.max_rows, cache=self.cache)
+        pipe = RedisPipe.from_url(settings.redis_url, timeout_s=settings.server.redis_timeout_s)
+        self.lookup = Lookup(pipe, registry, max_rows=settings.server.max_rows, cache=self.cache)
         parts.push_async_callback(self.lookup.close)
         self.indexes = ViewIndexes(
-            registry, settings.redis_url, _index_config(settings), refresh_s=settings.index_refresh_s, events=events
+            registry, settings.redis_url, _index_config(settings), refresh_s=settings.index.refresh_s, events=events
         )
         parts.push_async_callback(self.indexes.close)
         self.indexes.start()
@@ -145,19 +144,19 @@ class FeatureServer:
         await self._server.start()
         parts.push_async_callback(cancel_all, self._tasks)
         self._tasks.append(asyncio.create_task(self._become_ready(redis)))
-        if settings.registry_refresh_s > 0:
+        if settings.server.registry_refresh_s > 0:
             self._tasks.append(asyncio.create_task(self._refresh_forever()))
-        log.info("featurestore listening on %s:%d", settings.host, self.port)
+        log.info("featurestore listening on %s:%d", settings.server.host, self.port)
 
     async def _start_scorer(
         self, parts: AsyncExitStack, registry: Registry, lookup: Lookup, indexes: ViewIndexes
     ) -> Scorer:
         """The models of the repo's models.yaml (a model that fails is logged, not served);
         batches read through a pipelined Redis connection of their own."""
-        models = ModelRegistry(self.settings.repo / MODELS_FILE, registry)
+        models = ModelRegistry(self.settings.models_path, registry)
         parts.callback(models.close)
         await models.load_all()
-        pipe = RedisPipe.from_url(self.settings.redis_url, timeout_s=self.settings.redis_timeout_s)
+        pipe = RedisPipe.from_url(self.settings.redis_url, timeout_s=self.settings.server.redis_timeout_s)
         scorer = Scorer(models, lookup, pipe, Candidates(indexes))
         parts.push_async_callback(scorer.close)
         return scorer
@@ -165,12 +164,12 @@ class FeatureServer:
     def _build_server(self) -> aio.Server:
         assert self.lookup is not None
         options = [
-            ("grpc.so_reuseport", 1 if self.settings.workers > 1 else 0),
+            ("grpc.so_reuseport", 1 if self.settings.server.workers > 1 else 0),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
         server = aio.server(interceptors=[ErrorInterceptor()], options=options)
-        servicer = FeatureStoreServicer(self.lookup, self.settings.redis_timeout_s, self.indexes, self.scorer)
+        servicer = FeatureStoreServicer(self.lookup, self.settings.server.redis_timeout_s, self.indexes, self.scorer)
         pb_grpc.add_FeatureStoreServicer_to_server(servicer, server)
         pb_grpc.add_FeatureStoreAdminServicer_to_server(AdminServicer(self.cache), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -196,9 +195,9 @@ class FeatureServer:
                 delay = min(delay * 2, 2.0)
         if self.cache is not None:  # listening first: an event during warm-up counts
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.warm_budget_s):
+                async with asyncio.timeout(self.settings.cache.warm_budget_s):
                     await self.cache.wait_ready()
-            await self.cache.warm(budget_s=self.settings.warm_budget_s)
+            await self.cache.warm(budget_s=self.settings.cache.warm_budget_s)
         if self.indexes is not None:  # readiness includes every embedding view's index
             await self.indexes.wait_ready()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -219,7 +218,7 @@ class FeatureServer:
 
     async def _refresh_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.registry_refresh_s)
+            await asyncio.sleep(self.settings.server.registry_refresh_s)
             try:
                 await self.reload()
             except Exception:  # a bad registry must not stop the serving one
@@ -231,7 +230,7 @@ class FeatureServer:
         await cancel_all(self._tasks)
         self._tasks.clear()
         await self.health.enter_graceful_shutdown()
-        await self._stop_server(self.settings.grace_s if grace_s is None else grace_s)
+        await self._stop_server(self.settings.server.grace_s if grace_s is None else grace_s)
         await self._parts.aclose()
 
     async def _stop_server(self, grace_s: float) -> None:
@@ -245,7 +244,7 @@ class FeatureServer:
 
 
 def _index_config(settings: Settings) -> IndexConfig:
-    return IndexConfig(exact_max=settings.index_exact_max, approximate=settings.index_approximate)
+    return IndexConfig(exact_max=settings.index.exact_max, approximate=settings.index.approximate)
 
 
 async def run(settings: Settings) -> None:
@@ -253,7 +252,7 @@ async def run(settings: Settings) -> None:
     import gc
     import signal
 
-    metrics.serve_metrics(settings.metrics_port)
+    metrics.serve_metrics(settings.server.metrics_port)
     server = FeatureServer(settings)
     await server.start()
     # Everything alive now lives as long as the process: keep the collector off it, so
@@ -265,5 +264,5 @@ async def run(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
-    log.info("stopping: NOT_SERVING, draining for up to %.1f s", settings.grace_s)
+    log.info("stopping: NOT_SERVING, draining for up to %.1f s", settings.server.grace_s)
     await server.stop()

@@ -24,15 +24,13 @@ from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
 from featurestore.cache.hotcache import HotCache
 from featurestore.errors import InvalidArgument, Unavailable
 from featurestore.inference.scoring import Scorer, Timings
-from featurestore.limits import MAX_TOP
+from featurestore.limits import DEFAULT_TOP, MAX_TOP
 from featurestore.lookup import Lookup
 from featurestore.retrieval.indexes import ViewIndexes
 from featurestore.retrieval.search import search_similar
 from featurestore.serving import wire
 
-__all__ = ["DEFAULT_TOP", "AdminServicer", "FeatureStoreServicer"]
-
-DEFAULT_TOP = 20  # hot keys a CacheStatus call lists when it does not say
+__all__ = ["AdminServicer", "FeatureStoreServicer"]
 
 Context: TypeAlias = "aio.ServicerContext[Any, Any]"
 

@@ -7,7 +7,7 @@
     client/     the Python client
     serving/    the gRPC server: the composition root
     cli/        the command line
-    materialize the cron job (a package of its own)
+    materialize the cron job (a package of its own; its __main__ is a command line, like cli/)
 
 Each may import only what its row of ALLOWED names (and itself). The domains never import
 each other: they meet through a protocol the consumer declares (lookup.RowSource,
@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "inference": {"core", "store"},
     "client": {"errors", "limits", "types", "_proto"},
     "serving": {"core", "store", *DOMAINS, "_proto"},
-    "cli": {"core", "store", *DOMAINS, "serving", "client", "_proto"},
+    "cli": {"core", "store", *DOMAINS, "serving", "client", "_proto", "materialize"},
     "materialize": {"core", "store"},
 }
 
@@ -41,6 +41,8 @@ def _room(module: str) -> str:
     """The room of a dotted module name: a subpackage, the core, a core module's own name
     (for the narrower rows), or materialize."""
     parts = module.split(".")
+    if module == "materialize.__main__":  # a command line like cli/: it shares cli/'s option helper
+        return "cli"
     if parts[0] == "materialize":
         return "materialize"
     if len(parts) == 1:  # featurestore itself: its __init__ re-exports the public names

@@ -22,7 +22,7 @@ from featurestore.cache.hotcache import HotCache
 from featurestore.cache.rows import ENTRY_OVERHEAD
 from featurestore.cli import cache_status as admin
 from featurestore.cli.main import main as cli
-from featurestore.config import Settings
+from featurestore.config import CacheSettings, IndexSettings, ServerSettings, Settings
 from featurestore.decode import OUTSIDE_MAX_AGE, PRESENT
 from featurestore.lookup import Lookup
 from featurestore.registry import Registry, load_registry
@@ -371,12 +371,9 @@ async def test_a_fresh_server_starts_with_the_hot_set_loaded(
     settings = Settings(
         repo=feature_repo,
         redis_url=redis_url,
-        host="127.0.0.1",
-        port=0,
-        registry_refresh_s=0,
-        hot_publish_s=0,
-        index_refresh_s=0,
-        cache_bytes=64 << 20,
+        server=ServerSettings(host="127.0.0.1", port=0, registry_refresh_s=0),
+        cache=CacheSettings(budget_bytes=64 << 20, hot_publish_s=0),
+        index=IndexSettings(refresh_s=0),
     )
     first = FeatureServer(settings)
     await first.start()
@@ -429,11 +426,9 @@ async def test_cache_status_of_a_server_without_a_cache(
     settings = Settings(
         repo=feature_repo,
         redis_url=redis_url,
-        host="127.0.0.1",
-        port=0,
-        registry_refresh_s=0,
-        index_refresh_s=0,
-        cache_bytes=0,
+        server=ServerSettings(host="127.0.0.1", port=0, registry_refresh_s=0),
+        cache=CacheSettings(budget_bytes=0),
+        index=IndexSettings(refresh_s=0),
     )
     server = FeatureServer(settings)
     await server.start()

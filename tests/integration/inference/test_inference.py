@@ -28,7 +28,7 @@ from onnx import TensorProto, helper
 
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
 from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
-from featurestore.config import Settings
+from featurestore.config import CacheSettings, IndexSettings, ServerSettings, Settings
 from featurestore.errors import ConfigError
 from featurestore.inference.models import ModelSpec, parse_models
 from featurestore.inference.runtime import ModelRegistry
@@ -188,10 +188,8 @@ async def server(repo: Path, redis_url: str, data: Any) -> AsyncIterator[Feature
     settings = Settings(
         repo=repo,
         redis_url=redis_url,
-        host="127.0.0.1",
-        port=0,
-        registry_refresh_s=0,
-        index_refresh_s=0,
+        server=ServerSettings(host="127.0.0.1", port=0, registry_refresh_s=0),
+        index=IndexSettings(refresh_s=0),
     )
     server = FeatureServer(settings)
     await server.start()
@@ -490,12 +488,9 @@ async def test_predict_and_rank_read_through_the_hot_cache(
     settings = Settings(
         repo=repo,
         redis_url=redis_url,
-        host="127.0.0.1",
-        port=0,
-        registry_refresh_s=0,
-        index_refresh_s=0,
-        cache_bytes=16 << 20,
-        hot_publish_s=0,
+        server=ServerSettings(host="127.0.0.1", port=0, registry_refresh_s=0),
+        cache=CacheSettings(budget_bytes=16 << 20, hot_publish_s=0),
+        index=IndexSettings(refresh_s=0),
     )
     server = FeatureServer(settings)
     await server.start()

@@ -26,7 +26,7 @@ from grpc import aio
 from featurestore import AsyncClient
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
 from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
-from featurestore.config import Settings
+from featurestore.config import IndexSettings, ServerSettings, Settings
 from featurestore.decode import NOT_FOUND, PRESENT
 from featurestore.errors import Unavailable
 from featurestore.registry import load_registry
@@ -99,11 +99,8 @@ async def server(repo: Path, redis: aioredis.Redis, redis_url: str) -> AsyncIter
     settings = Settings(
         repo=repo,
         redis_url=redis_url,
-        host="127.0.0.1",
-        port=0,
-        registry_refresh_s=0,
-        index_refresh_s=0,
-        index_exact_max=5000,
+        server=ServerSettings(host="127.0.0.1", port=0, registry_refresh_s=0),
+        index=IndexSettings(refresh_s=0, exact_max=5000),
     )
     server = FeatureServer(settings)
     await server.start()

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from featurestore import AsyncClient, Client
-from featurestore.config import Settings
+from featurestore.config import ServerSettings, Settings
 from featurestore.decode import NOT_FOUND, NULL_VALUE, OUTSIDE_MAX_AGE, PRESENT
 from featurestore.embedded import EmbeddedRedis
 from featurestore.errors import ConfigError, FeatureStoreError
@@ -64,7 +64,11 @@ def repo(make_repo: Callable[[str, Mapping[str, str]], Path]) -> Path:
 
 @pytest.fixture(scope="module")
 async def server(repo: Path, redis_url: str) -> AsyncIterator[FeatureServer]:
-    settings = Settings(repo=repo, redis_url=redis_url, host="127.0.0.1", port=0, registry_refresh_s=0, max_rows=10_000)
+    settings = Settings(
+        repo=repo,
+        redis_url=redis_url,
+        server=ServerSettings(host="127.0.0.1", port=0, registry_refresh_s=0, max_rows=10_000),
+    )
     server = FeatureServer(settings)
     await server.start()
     yield server
@@ -288,7 +292,9 @@ async def test_redis_down_is_unavailable_and_the_server_recovers(repo: Path, tmp
     redis = EmbeddedRedis(tmp_path / "redis")
     redis.start()
     settings = Settings(
-        repo=repo, redis_url=redis.url, host="127.0.0.1", port=0, registry_refresh_s=0, redis_timeout_s=0.5
+        repo=repo,
+        redis_url=redis.url,
+        server=ServerSettings(host="127.0.0.1", port=0, registry_refresh_s=0, redis_timeout_s=0.5),
     )
     server = FeatureServer(settings)
     await server.start()
@@ -326,7 +332,9 @@ async def test_a_failed_start_closes_everything_it_started(
         tasks_before = asyncio.all_tasks()
         connections_before = await _connections(redis_client)
         server = FeatureServer(
-            Settings(repo=repo, redis_url=redis_url, host="127.0.0.1", port=port, registry_refresh_s=0)
+            Settings(
+                repo=repo, redis_url=redis_url, server=ServerSettings(host="127.0.0.1", port=port, registry_refresh_s=0)
+            )
         )
         with pytest.raises(ConfigError, match=f"cannot bind gRPC to 127.0.0.1:{port}"):
             await server.start()
