@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -129,7 +129,7 @@ def linear_model(weights: Sequence[float]) -> bytes:
 def packed(view: ViewDef, rows: dict[int, dict[str, Any]], ts_us: list[int]) -> dict[bytes, bytes]:
     ids = list(rows)
     names = view.layout.names
-    columns = {name: [rows[i][name] for i in ids] for name in names}
+    columns: dict[str, Any] = {name: [rows[i][name] for i in ids] for name in names}
     nulls = {name: [v is None for v in columns[name]] for name in names}
     for spec in view.layout.features:  # a null's value is ignored, but must have the column's type
         if spec.fixed:
@@ -174,7 +174,7 @@ def stored(view: str, entity: int) -> dict[str, Any] | None:
 
 
 def expected_matrix(
-    spec: ModelSpec, users: Sequence[int], items: Sequence[int], request: dict[str, Sequence[float]]
+    spec: ModelSpec, users: Sequence[int], items: Sequence[int], request: Mapping[str, Sequence[float]]
 ) -> npt.NDArray[np.float32]:
     """The input matrix built from the rows written, one column at a time."""
     n = max(len(users), len(items))
@@ -210,7 +210,7 @@ MODES = pytest.mark.parametrize("model", ["ranker", "unbatched"], ids=["batched"
 @MODES
 async def test_scores_equal_the_model_run_directly_on_the_same_matrix(scorer: Scorer, model: str) -> None:
     users, items = [1, 2, 7, 8, 99, 1], [1, 2, 3, 4, 5, 999]
-    request = {"hour": [9, 10, 11, 12, 13, 14], "boost": [0.5] * 6}
+    request: dict[str, list[float]] = {"hour": [9, 10, 11, 12, 13, 14], "boost": [0.5] * 6}
     scored = await scorer.predict(
         model,
         {"user_id": users, "item_id": items},

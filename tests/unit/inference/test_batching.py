@@ -197,7 +197,8 @@ async def test_max_wait_keeps_a_batch_open_that_long_after_its_first_call_and_no
 ) -> None:
     wait_s = 0.2
     batcher, stages = make_batcher(max_wait_us=int(wait_s * 1e6), max_requests=1000)
-    calls, tasks = [], []
+    calls: list[Item] = []
+    tasks: list[asyncio.Task[Any]] = []
     deadline = time.perf_counter() + 1.0  # a steady stream of calls for longer than the wait
     while time.perf_counter() < deadline:
         call = Item(f"c{len(calls)}")
