@@ -122,7 +122,8 @@ class MicroBatcher(Generic[T, P]):
             if self.max_wait_s > 0 and not self._full():
                 await self._linger(self._queue[0].enqueued + self.max_wait_s)
             batch = [item for item in self._take() if not item.future.done()]
-            if not batch:
+            if not batch:  # every caller gave up: nothing in flight for them
+                self._check_idle()
                 continue
             self._in_flight += 1
             try:
@@ -134,7 +135,11 @@ class MicroBatcher(Generic[T, P]):
             except asyncio.CancelledError:
                 _fail(batch, Unavailable("the server is stopping"))
                 raise
-            await self._handoff.put((batch, prepared))
+            try:
+                await self._handoff.put((batch, prepared))
+            except asyncio.CancelledError:  # fetched, but not handed off: fail it here
+                _fail(batch, Unavailable("the server is stopping"))
+                raise
 
     async def _linger(self, deadline: float) -> None:
         """Wait until the queue fills up or `deadline` (perf_counter seconds) passes."""
@@ -162,6 +167,9 @@ class MicroBatcher(Generic[T, P]):
 
     def _finished(self) -> None:
         self._in_flight -= 1
+        self._check_idle()
+
+    def _check_idle(self) -> None:
         if not self._in_flight and not self._queue:
             self._idle.set()
 

@@ -321,13 +321,6 @@ async def test_close_fails_every_waiting_item_with_unavailable(
         await batcher.submit(Item("late"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="bug: a batch fetched while the hand-off is full is held in the fetch loop's local"
-    " variable (awaiting handoff.put, outside the try that fails its items on cancel), and close()"
-    " only fails the queue and the hand-off: its callers wait forever",
-)
 async def test_close_fails_a_fetched_batch_waiting_for_the_hand_off(
     make_batcher: Callable[..., tuple[Batcher, Stages]],
 ) -> None:
@@ -375,13 +368,6 @@ async def test_drain_and_close_of_an_idle_batcher_returns_at_once(
         await batcher.submit(Item("late"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TimeoutError,
-    reason="bug: when every queued item's caller gave up and no batch is in flight, the fetch"
-    " loop drops them without calling _finished(), so _idle is never set and drain_and_close()"
-    " waits forever",
-)
 async def test_drain_and_close_returns_when_the_queued_callers_gave_up(
     make_batcher: Callable[..., tuple[Batcher, Stages]],
 ) -> None:
