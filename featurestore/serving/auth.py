@@ -48,7 +48,6 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -193,21 +192,18 @@ class Tokens:
         return found
 
 
-# (inode, size, mtime in ns) of the token file: a rewritten file changes at least one.
-_Signature = tuple[int, int, int]
-
-
 class Keyring:
     """The tokens the server accepts: the token file's, re-read when it changes, plus fixed entries.
 
     Parameters:
         path: the token file (None: none).
         entries: `;`-separated entries in the file's format (None: none).
-        poll_s: seconds between checks of the file for a change, in `watch`.
+        poll_s: seconds between reads of the file, in `watch`.
 
-    `load` reads both at start (ConfigError when either does not parse); `watch` then polls
-    the file's (inode, size, mtime) off the event loop and swaps in the new tokens when it
-    changed and parses. A file that fails to parse or vanishes is logged once and the
+    `load` reads both at start (ConfigError when either does not parse); `watch` then
+    reads the file every `poll_s` off the event loop and swaps in its tokens when its bytes
+    changed (bytes, not the modification time, which a quick second write can leave as it
+    was) and it parses. A file that fails to parse or vanishes is logged once and the
     previous tokens stay: a half-written file never locks every caller out. Calls already
     checked keep their answer.
 
@@ -221,7 +217,7 @@ class Keyring:
         self.poll_s = poll_s
         self.tokens = Tokens()
         self._fixed = parse_tokens(entries, "auth_token_hashes", separator=";") if entries else ()
-        self._seen: _Signature | None = None
+        self._seen: bytes | None = None  # the file's bytes when last loaded or refused
         self.reloads = 0  # times the file was read and its tokens swapped in, the first load included
 
     @classmethod
@@ -235,29 +231,31 @@ class Keyring:
 
     def load(self) -> None:
         """Read the token file now; ConfigError naming the file (and line) when it cannot be used."""
-        signature = self._signature()
-        if self.path is not None and signature is None:
-            raise ConfigError(f"token file {str(self.path)!r} cannot be read: no such file")
-        self._swap(signature, self._read())
+        data = self._bytes()
+        self._swap(data, self._parse(data))
         if not self.tokens:
             log.warning("no tokens are configured: every call but health is refused")
 
     def reload(self) -> bool:
         """Re-read the token file if it changed; True when new tokens were swapped in. Never raises."""
-        signature = self._signature()
-        if self.path is None or signature == self._seen:
-            return False
-        if signature is None:
-            self._seen = None
-            log.warning("token file %r is gone: still accepting the tokens read before", str(self.path))
+        if self.path is None:
             return False
         try:
-            from_file = self._read()
+            data = self._bytes()
         except ConfigError as exc:
-            self._seen = signature  # log a broken file once, not every poll
+            if self._seen is not None:  # log a vanished file once, not every poll
+                log.warning("%s; still accepting the tokens read before", exc)
+            self._seen = None
+            return False
+        if data == self._seen:
+            return False
+        try:
+            tokens = self._parse(data)
+        except ConfigError as exc:
+            self._seen = data  # log a broken file once, not every poll
             log.warning("%s; still accepting the tokens read before", exc)
             return False
-        self._swap(signature, from_file)
+        self._swap(data, tokens)
         log.info("token file %r re-read: %d tokens", str(self.path), len(self.tokens))
         return True
 
@@ -267,29 +265,30 @@ class Keyring:
             await asyncio.sleep(self.poll_s)
             await asyncio.to_thread(self.reload)
 
-    def _read(self) -> tuple[Token, ...]:
+    def _source(self) -> str:
+        return f"token file {str(self.path)!r}"
+
+    def _bytes(self) -> bytes | None:
         if self.path is None:
+            return None
+        try:
+            return self.path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{self._source()} cannot be read: {exc.strerror}") from None
+
+    def _parse(self, data: bytes | None) -> tuple[Token, ...]:
+        if data is None:
             return ()
-        source = f"token file {str(self.path)!r}"
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{source} cannot be read: {getattr(exc, 'strerror', None) or 'not UTF-8'}") from None
-        return parse_tokens(text, source)
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{self._source()} cannot be read: not UTF-8") from None
+        return parse_tokens(text, self._source())
 
-    def _swap(self, signature: _Signature | None, from_file: tuple[Token, ...]) -> None:
+    def _swap(self, data: bytes | None, from_file: tuple[Token, ...]) -> None:
         self.tokens = Tokens(from_file + self._fixed)  # one assignment: a call sees the old set or the new
-        self._seen = signature
+        self._seen = data
         self.reloads += 1
-
-    def _signature(self) -> _Signature | None:
-        if self.path is None:
-            return None
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _required(method: str, reflection_open: bool) -> str:

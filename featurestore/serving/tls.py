@@ -7,23 +7,23 @@ PEM files that are re-read when they change.
 
 Rotation without a restart: grpc calls `CertificateFiles.fetch` before the handshake of
 every new connection (grpc's dynamic_ssl_server_credentials; it works with grpc.aio, on a
-grpc core thread, not the event loop). `fetch` compares the files' (inode, size, mtime)
-with what it loaded last, three stat calls (a few microseconds, once per connection, not
-per call), and returns the new configuration only when they changed and the new files
-form a usable pair; otherwise None, which keeps the current one. Connections already open
-keep the certificate they were made with.
+grpc core thread, not the event loop). `fetch` reads the two or three files (tens of
+microseconds, once per connection, not per call) and compares their bytes with what it
+loaded last: bytes, not modification times, which a quick second write can leave
+unchanged. It returns the new configuration only when they changed and form a usable
+pair; otherwise None, which keeps the current one. Connections already open keep the
+certificate they were made with.
 
 A rotation writes two files, so a handshake may see the new certificate with the old key:
 that pair is refused (logged once per change, the previous certificate stays) and taken as
-soon as the key follows. Files that change while they are read are read again at the next
-handshake. A cert-manager or Kubernetes Secret volume (an atomic symlink swap) and a plain
-`cp` of both files both work.
+soon as the key follows. Files that change while they are checked are read again at the
+next handshake. A cert-manager or Kubernetes Secret volume (an atomic symlink swap) and a
+plain `cp` of both files both work.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import threading
 from pathlib import Path
@@ -36,9 +36,6 @@ from featurestore.errors import ConfigError
 __all__ = ["CertificateFiles", "server_credentials"]
 
 log = logging.getLogger(__name__)
-
-# (inode, size, mtime in ns) per file: a rotated file changes at least one of them.
-Signature = tuple[tuple[int, int, int], ...]
 
 
 class CertificateFiles:
@@ -57,15 +54,16 @@ class CertificateFiles:
 
     def __init__(self, cert: Path, key: Path, client_ca: Path | None = None) -> None:
         self.cert, self.key, self.client_ca = cert, key, client_ca
-        self._paths = (cert, key) if client_ca is None else (cert, key, client_ca)
         self._lock = threading.Lock()  # grpc may run fetchers of parallel handshakes at once
-        self._seen: Signature | None = None  # the files' signature when last loaded or refused
+        self._seen: tuple[bytes | None, ...] = ()  # the files' bytes when last loaded or refused
+        self._refused: str | None = None  # the last refusal logged
         self.loads = 0  # configurations handed to grpc (the first one included), for tests and logs
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """Credentials for `add_secure_port` that follow the files; ConfigError when they are unusable now."""
-        self._seen = self._signature_or_none()
-        configuration = self._load()
+        contents = self._read()
+        configuration = self._configure(contents)
+        self._seen = contents
         self.loads += 1
         return grpc.dynamic_ssl_server_credentials(
             configuration,
@@ -80,37 +78,51 @@ class CertificateFiles:
         of the files and the current certificate stays.
         """
         with self._lock:
-            before = self._signature_or_none()
-            if before is None or before == self._seen:
-                return None  # unchanged, or mid-rotation (a file briefly missing)
             try:
-                configuration = self._load()
-            except ConfigError as exc:
-                if self._signature_or_none() == before:
-                    self._seen = before  # log a broken file once, not per handshake
-                    log.warning("keeping the current TLS certificate: %s", exc)
+                contents = self._read()
+            except ConfigError as exc:  # mid-rotation, or gone: the current certificate stays
+                self._refuse(str(exc), None)
                 return None
-            if self._signature_or_none() != before:
-                return None  # the files changed while being read: read them again next time
-            self._seen = before
+            if contents == self._seen:
+                return None
+            try:
+                configuration = self._configure(contents)
+            except ConfigError as exc:
+                self._refuse(str(exc), contents)
+                return None
+            if self._read_or_none() != contents:
+                return None  # changed while checked: read again at the next handshake
+            self._seen, self._refused = contents, None
             self.loads += 1
             log.info("TLS certificate files changed: new connections use the certificate in %s", self.cert)
             return configuration
 
-    def _signature_or_none(self) -> Signature | None:
+    def _refuse(self, why: str, contents: tuple[bytes | None, ...] | None) -> None:
+        """Keep the current certificate; log `why` once, not per handshake."""
+        if contents is not None and self._read_or_none() == contents:
+            self._seen = contents  # a broken pair that stays: not checked again until it changes
+        if why != self._refused:
+            self._refused = why
+            log.warning("keeping the current TLS certificate: %s", why)
+
+    def _read_or_none(self) -> tuple[bytes | None, ...] | None:
         try:
-            return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in map(os.stat, self._paths))
-        except OSError:
+            return self._read()
+        except ConfigError:
             return None
 
-    def _load(self) -> grpc.ServerCertificateConfiguration:
-        """The files' contents as a grpc configuration, checked by OpenSSL first; ConfigError naming the file."""
+    def _read(self) -> tuple[bytes | None, ...]:
+        """The bytes of the certificate, the key and the client CA (None without one); ConfigError naming a file."""
         try:
-            cert, key = self.cert.read_bytes(), self.key.read_bytes()
-            client_ca = None if self.client_ca is None else self.client_ca.read_bytes()
-            _check_pair(self.cert, self.key)
+            return tuple(None if path is None else path.read_bytes() for path in (self.cert, self.key, self.client_ca))
         except OSError as exc:
             raise ConfigError(f"TLS file {str(exc.filename)!r} cannot be read: {exc.strerror}") from None
+
+    def _configure(self, contents: tuple[bytes | None, ...]) -> grpc.ServerCertificateConfiguration:
+        """`contents` as a grpc configuration, checked by OpenSSL first (the pair on the files themselves)."""
+        cert, key, client_ca = contents
+        assert cert is not None and key is not None
+        _check_pair(self.cert, self.key)
         if client_ca is not None:
             _check_ca(self.client_ca, client_ca)
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
