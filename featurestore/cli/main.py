@@ -54,6 +54,8 @@ SERVE = """\
 Run the gRPC feature server: GetOnlineFeatures, SearchSimilar, Predict and Rank over the
 Redis that featurestore-materialize fills, with gRPC health, reflection and the admin
 CacheStatus. SIGTERM turns health NOT_SERVING and drains in-flight calls before exiting.
+With --tls-cert/--tls-key the port speaks TLS (--tls-client-ca: mutual TLS); with
+--auth-tokens every call but health needs a bearer token with its scope (README, Security).
 
 Every option can also be set by the environment variable FEATURESTORE_<NAME> given with it
 (containers and Kubernetes configure by environment). A flag wins over the variable, the

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ from featurestore import AsyncClient, Client, PermissionDenied, Unauthenticated,
 from featurestore.cli import main as cli
 from featurestore.config import SecuritySettings, ServerSettings, Settings
 from featurestore.decode import PRESENT
+from featurestore.embedded import free_port
 from featurestore.errors import ConfigError, FeatureStoreError, NotFound
 from featurestore.registry import load_registry
 from featurestore.serving.auth import hash_token
@@ -81,13 +85,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 def other(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """Another CA: its certificates are not trusted by `pki`'s servers or clients."""
     return Pki(trustme.CA(), tmp_path_factory.mktemp("other-pki"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def settings(feature_repo: Path, redis_url: str, **security: Any) -> Settings:
@@ -387,7 +384,7 @@ async def test_refusals_log_one_line_without_traceback_or_token(
 
 
 async def test_reflection_needs_a_token_unless_open(
-    tls_server: FeatureServer, open_server: FeatureServer, pki: Pki
+    tls_server: FeatureServer, open_server: FeatureServer, pki: Pki, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def services(channel: aio.Channel, metadata: Any = None) -> set[str]:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
@@ -399,9 +396,10 @@ async def test_reflection_needs_a_token_unless_open(
     credentials = grpc.ssl_channel_credentials(pki.ca.cert_pem.bytes())
     async with aio.secure_channel(target(tls_server), credentials) as channel:
         before = requests("ServerReflectionInfo", "UNAUTHENTICATED")
-        with pytest.raises(grpc.RpcError) as info:
+        with caplog.at_level(logging.DEBUG), pytest.raises(grpc.RpcError) as info:
             await services(channel)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert not [r for r in caplog.records if r.exc_info]  # a refused stream writes no traceback either
         assert requests("ServerReflectionInfo", "UNAUTHENTICATED") == before + 1
         assert "featurestore.v1.FeatureStore" in await services(channel, (("authorization", f"Bearer {ADMIN}"),))
     async with aio.insecure_channel(target(open_server)) as channel:
@@ -528,3 +526,50 @@ async def test_unusable_security_files_stop_the_start_with_one_line(
         "bad-token-file": "line 1: expected",
     }
     assert expected[broken] in message
+
+
+async def test_featurestore_serve_takes_tls_and_tokens_from_the_environment(
+    feature_repo: Path, redis_url: str, pki: Pki, token_file: Path
+) -> None:
+    cert, key = pki.write("serve-cli", pki.ca.issue_cert(LOCAL))
+    port, health_port = free_port(), free_port()
+    environ = {
+        **os.environ,
+        "FEATURESTORE_REPO": str(feature_repo),
+        "FEATURESTORE_REDIS_URL": redis_url,
+        "FEATURESTORE_HOST": "0.0.0.0",
+        "FEATURESTORE_PORT": str(port),
+        "FEATURESTORE_REGISTRY_REFRESH_S": "0",
+        "FEATURESTORE_TLS_CERT": str(cert),
+        "FEATURESTORE_TLS_KEY": str(key),
+        "FEATURESTORE_AUTH_TOKENS": str(token_file),
+        "FEATURESTORE_HEALTH_PORT": str(health_port),
+    }
+    featurestore = Path(sys.executable).parent / "featurestore"
+    proc = subprocess.Popen(  # noqa: ASYNC220 - a child server, waited for below
+        [str(featurestore), "serve"], env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        async with aio.insecure_channel(f"{LOCAL}:{health_port}") as channel:  # the probe's view
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline and proc.poll() is None, "not SERVING within 60 s"
+                await asyncio.sleep(0.2)
+        async with AsyncClient(f"{LOCAL}:{port}", tls_ca=pki.ca_file(), token=READER) as client:
+            assert (await client.get_online_features({"user_id": [1]}, ["user_profile:age"])).rows == 1
+        async with AsyncClient(f"{LOCAL}:{port}", tls_ca=pki.ca_file()) as client:
+            with pytest.raises(Unauthenticated):
+                await client.get_online_features({"user_id": [1]}, ["user_profile:age"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output[-2000:]
+    assert f"listening on 0.0.0.0:{port} (TLS, tokens)" in output
+    assert "gRPC on " not in output  # protected: no warning
+    assert "Traceback" not in output and READER not in output
