@@ -237,7 +237,8 @@ async def test_mtls_refuses_a_client_without_a_valid_certificate(
 async def health_over_tls(port: int, ca: trustme.CA) -> int:
     """The health status over a new TLS connection trusting only `ca`; raises grpc.RpcError."""
     credentials = grpc.ssl_channel_credentials(ca.cert_pem.bytes())
-    async with aio.secure_channel(f"{LOCAL}:{port}", credentials) as channel:
+    own = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own: a handshake, never a shared one
+    async with aio.secure_channel(f"{LOCAL}:{port}", credentials, options=own) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         return int(reply.status)
 
