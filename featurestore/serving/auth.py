@@ -313,9 +313,6 @@ def _bearer(metadata: Sequence[tuple[str, Any]] | None) -> tuple[str | None, str
     return None, "a bearer token is required: send the metadata `authorization: Bearer <token>`"
 
 
-Refuse = Callable[[Any, aio.ServicerContext[Any, Any]], Awaitable[Any]]
-
-
 class AuthInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
     """Lets a call through when its bearer token has the scope its method needs (see the module docstring).
 
