@@ -10,6 +10,8 @@ from featurestore.errors import (
     MissingFeature,
     ModelError,
     NotFound,
+    PermissionDenied,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -27,6 +29,8 @@ __all__ = [
     "ModelError",
     "NotFound",
     "OnlineFeatures",
+    "PermissionDenied",
+    "Unauthenticated",
     "Unavailable",
     "__version__",
 ]

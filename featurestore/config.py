@@ -25,7 +25,8 @@ Each option is a flag of `featurestore serve` and an environment variable FEATUR
 NAME being the flag without its dashes in upper case (--redis reads FEATURESTORE_REDIS_URL).
 A flag wins over the environment, the environment over the default; an empty variable
 counts as unset. A value that does not parse or is out of range stops the start with one
-line naming the option or the variable (exit code 2). Seconds are floats.
+line naming the option or the variable (exit code 2). Seconds are floats. A switch (a
+flag without a value) is on when given; its variable takes true/false, 1/0, yes/no, on/off.
 
 `Settings` itself:
 
@@ -94,6 +95,34 @@ line naming the option or the variable (exit code 2). Seconds are floats.
 --models PATH  FEATURESTORE_MODELS  default unset
     The models file, which declares the ONNX models and their inputs; unset, it is
     models.yaml in the repo. No file there means no models.
+
+`security` (`SecuritySettings`), TLS, tokens and what is open without them (README
+"Security"; featurestore/serving/tls.py and auth.py):
+
+--tls-cert PATH  FEATURESTORE_TLS_CERT  default unset
+    The server's certificate chain (PEM). With --tls-key the port speaks TLS only; both
+    files are re-read when they change, so new connections get a rotated certificate
+    without a restart.
+--tls-key PATH  FEATURESTORE_TLS_KEY  default unset
+    The private key of --tls-cert (PEM, not encrypted).
+--tls-client-ca PATH  FEATURESTORE_TLS_CLIENT_CA  default unset
+    Mutual TLS: the CA certificates (PEM) one of which must have signed every client's
+    certificate; a client without one is refused in the handshake. Needs --tls-cert;
+    re-read when it changes.
+--auth-tokens PATH  FEATURESTORE_AUTH_TOKENS  default unset
+    The token file: one line per token, `sha256:<hex of the token's SHA-256> <scopes>
+    [name]`, scopes read and/or admin (`featurestore hash-token` writes a line). Every
+    call but health then needs the metadata `authorization: Bearer <token>`. Re-read
+    when it changes.
+--auth-token-hashes ENTRIES  FEATURESTORE_AUTH_TOKEN_HASHES  default unset
+    Token entries in the token file's format separated by `;`, for deployments that pass
+    secrets in the environment: hashes, never the tokens. Adds to --auth-tokens.
+--reflection-open  FEATURESTORE_REFLECTION_OPEN  default off
+    Serve gRPC reflection without a token when tokens are required (any valid token
+    otherwise); without tokens reflection is always open.
+--health-port N  FEATURESTORE_HEALTH_PORT  default 0
+    A second port, plaintext, that serves only gRPC health, for probes that cannot speak
+    TLS (Kubernetes' grpc probe), 0 to 65535 (0: none).
 """
 
 from __future__ import annotations
@@ -118,6 +147,7 @@ __all__ = [
     "IndexSettings",
     "InferenceSettings",
     "Option",
+    "SecuritySettings",
     "ServerSettings",
     "Settings",
     "redact_url",
@@ -147,7 +177,7 @@ class Option:
         flag: the command-line flag, e.g. "--cache-bytes" ("--redis" for redis_url).
         group: the `Settings` field holding it, e.g. "cache"; "" for `Settings`' own fields.
         attr: its field in that group, e.g. "budget_bytes".
-        kind: int, float (seconds), str or Path.
+        kind: int, float (seconds), str, Path or bool (a switch: on when its flag is given).
         default: its default value.
         help: what it means, with its unit (the CLI adds the default and the variable).
         choices: the allowed values of a Literal field; empty when any value of `kind` goes.
@@ -182,6 +212,10 @@ class Option:
             if not isinstance(value, (str, os.PathLike)):
                 raise ConfigError(f"{self.name} must be a path, not {value!r}")
             return value if isinstance(value, Path) else Path(value)
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{self.name} must be true or false, not {value!r}")
+            return value
         if self.kind is int:
             low, high = self.bounds or (-(2**63), 2**63 - 1)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -409,6 +443,74 @@ class InferenceSettings:
         _validate(self)
 
 
+@dataclass(frozen=True, slots=True)
+class SecuritySettings:
+    """TLS, tokens and what is open without them (featurestore/serving/tls.py, auth.py)."""
+
+    tls_cert: Path | None = field(
+        default=None,
+        metadata=_meta(
+            "The server's certificate chain (PEM). With --tls-key the port speaks TLS only; both files are"
+            " re-read when they change, so new connections get a rotated certificate without a restart."
+        ),
+    )
+    tls_key: Path | None = field(default=None, metadata=_meta("The private key of --tls-cert (PEM, not encrypted)."))
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata=_meta(
+            "Mutual TLS: the CA certificates (PEM) one of which must have signed every client's certificate;"
+            " a client without one is refused in the handshake. Needs --tls-cert; re-read when it changes."
+        ),
+    )
+    auth_tokens: Path | None = field(
+        default=None,
+        metadata=_meta(
+            "The token file: one line per token, `sha256:<hex of the token's SHA-256> <scopes> [name]`,"
+            " scopes read and/or admin (`featurestore hash-token` writes a line). Every call but health then"
+            " needs the metadata `authorization: Bearer <token>`. Re-read when it changes."
+        ),
+    )
+    auth_token_hashes: str | None = field(
+        default=None,
+        metadata=_meta(
+            "Token entries in the token file's format separated by `;`, for deployments that pass secrets in"
+            " the environment: hashes, never the tokens. Adds to --auth-tokens."
+        ),
+    )
+    reflection_open: bool = field(
+        default=False,
+        metadata=_meta(
+            "Serve gRPC reflection without a token when tokens are required (any valid token otherwise);"
+            " without tokens reflection is always open."
+        ),
+    )
+    health_port: int = field(
+        default=0,
+        metadata=_meta(
+            "A second port, plaintext, that serves only gRPC health, for probes that cannot speak TLS"
+            " (Kubernetes' grpc probe), 0 to 65535 (0: none).",
+            bounds=(0, 65535),
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together: give both (or neither)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the port speaks TLS."""
+        return self.tls_cert is not None
+
+    @property
+    def auth(self) -> bool:
+        """Whether calls need a token (a token file or token hashes are given)."""
+        return self.auth_tokens is not None or bool(self.auth_token_hashes)
+
+
 @dataclass(frozen=True, slots=True, repr=False)
 class Settings:
     """Everything `featurestore serve` needs; each group validates itself on construction.
@@ -421,6 +523,7 @@ class Settings:
         cache: the hot-key row cache (`CacheSettings`).
         index: the retrieval indexes (`IndexSettings`).
         inference: the models (`InferenceSettings`).
+        security: TLS and tokens (`SecuritySettings`).
 
     The module docstring describes every option; `Settings.from_options` builds one from
     option names, as the command line does.
@@ -445,6 +548,7 @@ class Settings:
     cache: CacheSettings = field(default_factory=CacheSettings)
     index: IndexSettings = field(default_factory=IndexSettings)
     inference: InferenceSettings = field(default_factory=InferenceSettings)
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -455,7 +559,8 @@ class Settings:
     def __repr__(self) -> str:
         return (
             f"Settings(repo={self.repo!r}, redis_url={redact_url(self.redis_url)!r}, server={self.server!r},"
-            f" cache={self.cache!r}, index={self.index!r}, inference={self.inference!r})"
+            f" cache={self.cache!r}, index={self.index!r}, inference={self.inference!r},"
+            f" security={self.security!r})"
         )
 
     @property

@@ -8,7 +8,9 @@
     ├── ConfigError                   FAILED_PRECONDITION (bad settings, missing registry; canonical)
     ├── LockHeld                      ABORTED             (another materialization runs)
     ├── MissingFeature                FAILED_PRECONDITION (a required model input is absent)
-    └── ModelError                    INTERNAL            (the model raised while scoring)
+    ├── ModelError                    INTERNAL            (the model raised while scoring)
+    ├── Unauthenticated               UNAUTHENTICATED     (no token, or one the server does not know)
+    └── PermissionDenied              PERMISSION_DENIED   (a valid token without the call's scope)
 
 Library errors are translated at the boundary (`raise NotFound(...) from exc`), so upper
 layers see this tree only. The server maps them to statuses in one interceptor, which
@@ -33,6 +35,8 @@ __all__ = [
     "MissingFeature",
     "ModelError",
     "NotFound",
+    "PermissionDenied",
+    "Unauthenticated",
     "Unavailable",
     "error_class",
 ]
@@ -79,6 +83,18 @@ class MissingFeature(FeatureStoreError):
 
 class ModelError(FeatureStoreError):
     """The model raised while scoring (INTERNAL, with ONNX Runtime's message)."""
+
+
+class Unauthenticated(FeatureStoreError):
+    """The call carried no bearer token, or one the server does not accept."""
+
+    status = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(FeatureStoreError):
+    """The call's token is valid but lacks the scope its method needs (read or admin)."""
+
+    status = grpc.StatusCode.PERMISSION_DENIED
 
 
 # Every class above, in declaration order (module globals keep it). Names come from the

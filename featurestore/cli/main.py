@@ -1,8 +1,9 @@
-"""`featurestore serve|demo|cache-status`: parse arguments, build Settings, run.
+"""`featurestore serve|demo|cache-status|hash-token`: parse arguments, build Settings, run.
 
     featurestore serve --repo feature_repo --redis redis://127.0.0.1:6379/0 --port 50051
     FEATURESTORE_CACHE_BYTES=0 featurestore serve          # any option from the environment
     featurestore cache-status --target 127.0.0.1:50051 --top 20
+    featurestore hash-token --scopes read --name app < app.token >> tokens.txt
 
 The `serve` options are built from the settings' fields (featurestore/config.py, which
 documents each one); every one can also be set by FEATURESTORE_<NAME> (cli/options.py).
@@ -44,6 +45,7 @@ examples:
   featurestore demo                      # everything on embedded Redis and PostgreSQL
   featurestore serve --repo feature_repo --redis redis://127.0.0.1:6379/0
   featurestore cache-status --target 127.0.0.1:50051
+  featurestore hash-token --scopes read --name app < app.token >> tokens.txt
 
 `featurestore COMMAND --help` describes a command and its options.
 """
@@ -52,6 +54,8 @@ SERVE = """\
 Run the gRPC feature server: GetOnlineFeatures, SearchSimilar, Predict and Rank over the
 Redis that featurestore-materialize fills, with gRPC health, reflection and the admin
 CacheStatus. SIGTERM turns health NOT_SERVING and drains in-flight calls before exiting.
+With --tls-cert/--tls-key the port speaks TLS (--tls-client-ca: mutual TLS); with
+--auth-tokens every call but health needs a bearer token with its scope (README, Security).
 
 Every option can also be set by the environment variable FEATURESTORE_<NAME> given with it
 (containers and Kubernetes configure by environment). A flag wins over the variable, the
@@ -61,7 +65,7 @@ documents every option.
 
 
 def _parser() -> argparse.ArgumentParser:
-    from featurestore.cli import cache_status, demo
+    from featurestore.cli import cache_status, demo, hash_token
 
     parser = argparse.ArgumentParser(
         prog="featurestore",
@@ -81,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, module, help_text in (
         ("demo", demo, "the quick start: embedded Redis and PostgreSQL, demo data, a server and a lookup"),
         ("cache-status", cache_status, "print a running server's hot-key cache: hit ratio, budget, hottest keys"),
+        ("hash-token", hash_token, "print the token file line (SHA-256 and scopes) of a token read from stdin"),
     ):
         command = commands.add_parser(
             name,

@@ -46,7 +46,7 @@ def environment_value(name: str, kind: type[Any], environ: Mapping[str, str]) ->
 
     Parameters:
         name: the option's name or flag ("grace_s", "--grace-s"): FEATURESTORE_GRACE_S.
-        kind: int, float, str or Path, as the flag's argparse type.
+        kind: int, float, str, Path, or bool (true/false, 1/0, yes/no, on/off).
         environ: the environment (os.environ at the edge, a dict in tests).
 
     Raises InvalidArgument naming the variable when the text does not convert, e.g.
@@ -56,11 +56,22 @@ def environment_value(name: str, kind: type[Any], environ: Mapping[str, str]) ->
     if not text:
         return None
     try:
-        return kind(text)
+        return _switch(text) if kind is bool else kind(text)
     except (TypeError, ValueError):
         raise InvalidArgument(
             f"environment variable {variable(name)}: invalid {kind.__name__} value: {text!r}"
         ) from None
+
+
+_SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _switch(text: str) -> bool:
+    """A switch's variable: true/false, 1/0, yes/no, on/off (any case); ValueError otherwise."""
+    value = _SWITCH.get(text.strip().lower())
+    if value is None:
+        raise ValueError(text)
+    return value
 
 
 def shown_default(option: Option) -> str:
@@ -68,6 +79,8 @@ def shown_default(option: Option) -> str:
     value = option.default
     if value is None:
         return "unset"
+    if option.kind is bool:
+        return "on" if value else "off"
     if option.kind is float:
         return f"{value:g} s"
     if option.kind is int and option.name.endswith("bytes") and value and value % (1 << 20) == 0:
@@ -79,8 +92,8 @@ def add_options(parser: argparse.ArgumentParser, options: Iterable[Option]) -> N
     """Add a flag per option to `parser`, in one argument group per settings group.
 
     Each flag's help is the field's help text, then its default and its variable; its
-    type, choices and metavar come from the field's type. A flag left out is absent from
-    the parsed namespace (see `option_values`).
+    type, choices and metavar come from the field's type; a bool is a switch, on when
+    given. A flag left out is absent from the parsed namespace (see `option_values`).
     """
     groups: dict[str, argparse._ArgumentGroup] = {}
     for option in options:
@@ -92,6 +105,15 @@ def add_options(parser: argparse.ArgumentParser, options: Iterable[Option]) -> N
             )
             groups[option.group] = parser.add_argument_group(title, doc)
         help_text = f"{option.help} Default: {shown_default(option)}. Environment: {variable(option.name)}."
+        if option.kind is bool:  # a switch: on when given
+            groups[option.group].add_argument(
+                option.flag,
+                dest=option.name,
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help=help_text.replace("%", "%%"),
+            )
+            continue
         groups[option.group].add_argument(
             option.flag,
             dest=option.name,

@@ -18,9 +18,12 @@ from featurestore.client.core import (
     CHANNEL_OPTIONS,
     Neighbours,
     OnlineFeatures,
+    PathLike,
     Prediction,
     Ranking,
     RequestValues,
+    call_metadata,
+    channel_credentials,
     neighbours,
     online_features_request,
     predict_request,
@@ -36,19 +39,29 @@ __all__ = ["AsyncClient"]
 
 
 class AsyncClient:
-    """The asyncio client; the same calls as `Client`, awaited (parameters: see `Client`).
+    """The asyncio client; the same calls as `Client`, awaited (parameters, TLS and tokens: see `Client`).
 
     async with AsyncClient("127.0.0.1:50051") as client:
         result = await client.get_online_features({"user_id": [1]}, ["user_profile"])
     """
 
     def __init__(
-        self, target: str, *, timeout_s: float | None = 5.0, credentials: grpc.ChannelCredentials | None = None
+        self,
+        target: str,
+        *,
+        timeout_s: float | None = 5.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
     ) -> None:
-        if credentials is None:
+        self._metadata = call_metadata(token)  # sent with every call
+        tls = channel_credentials(credentials, tls_ca, tls_cert, tls_key)
+        if tls is None:
             self._channel = aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         else:
-            self._channel = aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+            self._channel = aio.secure_channel(target, tls, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.FeatureStoreStub(self._channel)
         self._timeout_s = timeout_s
 
@@ -63,7 +76,9 @@ class AsyncClient:
         """Features for a batch of entity rows; see `Client.get_online_features`."""
         request = online_features_request(entities, features, full_feature_names)
         with translated_errors:
-            response = await self._stub.GetOnlineFeatures(request, timeout=timeout_s or self._timeout_s)
+            response = await self._stub.GetOnlineFeatures(
+                request, timeout=timeout_s or self._timeout_s, metadata=self._metadata
+            )
         return OnlineFeatures(response)
 
     async def search_similar(
@@ -85,7 +100,9 @@ class AsyncClient:
             view, vectors, ids, k, exclude_query, allow_ids, exclude_ids, features, full_feature_names
         )
         with translated_errors:
-            response = await self._stub.SearchSimilar(request, timeout=timeout_s or self._timeout_s)
+            response = await self._stub.SearchSimilar(
+                request, timeout=timeout_s or self._timeout_s, metadata=self._metadata
+            )
         return neighbours(response)
 
     async def predict(
@@ -100,7 +117,7 @@ class AsyncClient:
         """Score entity rows with a served model; see `Client.predict`."""
         request = predict_request(model, entities, request_values, breakdown)
         with translated_errors:
-            response = await self._stub.Predict(request, timeout=timeout_s or self._timeout_s)
+            response = await self._stub.Predict(request, timeout=timeout_s or self._timeout_s, metadata=self._metadata)
         return prediction(response)
 
     async def rank(
@@ -122,7 +139,7 @@ class AsyncClient:
             model, context, candidate_ids, query_vector, seed_ids, n_candidates, top_n, request_values, breakdown
         )
         with translated_errors:
-            response = await self._stub.Rank(request, timeout=timeout_s or self._timeout_s)
+            response = await self._stub.Rank(request, timeout=timeout_s or self._timeout_s, metadata=self._metadata)
         return ranking(response)
 
     async def wait_until_serving(self, timeout_s: float = 30.0) -> None:

@@ -1,9 +1,10 @@
-"""What `Client` and `AsyncClient` share: request builders, response parsers, the results,
-and the translation of gRPC errors. No I/O here: each client method is
+"""What `Client` and `AsyncClient` share: the channel's credentials and the token's
+metadata, request builders, response parsers, the results, and the translation of gRPC
+errors. No I/O here but reading the TLS files once; each client method is
 
     request = <kind>_request(...)          # build (may raise InvalidArgument)
     with translated_errors:
-        response = stub.<Rpc>(request, timeout=...)
+        response = stub.<Rpc>(request, timeout=..., metadata=<the token's, or None>)
     return <parser>(response)              # parse
 
 Every fixed-width column becomes an array with one `numpy.frombuffer` (no per-value work);
@@ -13,6 +14,8 @@ strings and bytes become numpy object arrays.
 from __future__ import annotations
 
 import itertools
+import os
+import re
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -27,11 +30,14 @@ from featurestore.limits import MAX_K, MAX_MESSAGE_BYTES
 
 __all__ = [
     "CHANNEL_OPTIONS",
+    "Metadata",
     "Neighbours",
     "OnlineFeatures",
     "Prediction",
     "Ranking",
     "RequestValues",
+    "call_metadata",
+    "channel_credentials",
     "error_from_rpc",
     "neighbours",
     "online_features_request",
@@ -49,6 +55,73 @@ CHANNEL_OPTIONS = [
 ]
 
 RequestValues = Mapping[str, Sequence[float] | Sequence[int] | Sequence[bool] | npt.NDArray[Any]]
+Metadata = tuple[tuple[str, str], ...]
+PathLike = str | os.PathLike[str]
+
+# RFC 6750's b64token: what a bearer token may hold (a gRPC metadata value must be printable ASCII).
+_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+def channel_credentials(
+    credentials: grpc.ChannelCredentials | None,
+    tls_ca: PathLike | None,
+    tls_cert: PathLike | None,
+    tls_key: PathLike | None,
+) -> grpc.ChannelCredentials | None:
+    """The channel's TLS credentials from the clients' arguments; None for plaintext.
+
+    Parameters:
+        credentials: ready-made credentials (exclusive with the paths).
+        tls_ca: PEM CA certificates that signed the server's certificate (None with a
+            client certificate: the system's roots).
+        tls_cert, tls_key: PEM client certificate and key, for mutual TLS (both or neither).
+
+    Raises InvalidArgument for a mix of `credentials` and paths, half a client pair, or a
+    file that cannot be read (naming it).
+
+    >>> channel_credentials(None, None, None, None) is None
+    True
+    """
+    if credentials is not None:
+        if tls_ca is not None or tls_cert is not None or tls_key is not None:
+            raise InvalidArgument("pass credentials= or tls_ca=/tls_cert=/tls_key=, not both")
+        return credentials
+    if (tls_cert is None) != (tls_key is None):
+        raise InvalidArgument("tls_cert= and tls_key= go together: give both for mutual TLS")
+    if tls_ca is None and tls_cert is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read("tls_ca", tls_ca),
+        private_key=_read("tls_key", tls_key),
+        certificate_chain=_read("tls_cert", tls_cert),
+    )
+
+
+def _read(name: str, path: PathLike | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise InvalidArgument(f"{name}={os.fspath(path)!r} cannot be read: {exc.strerror}") from None
+
+
+def call_metadata(token: str | None) -> Metadata | None:
+    """The metadata every call sends: `authorization: Bearer <token>`; None without a token.
+
+    Raises InvalidArgument, without echoing it, for a token that is not a bearer token
+    (letters, digits and -._~+/, then any =).
+
+    >>> call_metadata("s3cr3t-t0ken")
+    (('authorization', 'Bearer s3cr3t-t0ken'),)
+    """
+    if token is None:
+        return None
+    if not isinstance(token, str) or _TOKEN.fullmatch(token) is None:
+        raise InvalidArgument("token= must be a bearer token: letters, digits and -._~+/ (then any =)")
+    return (("authorization", f"Bearer {token}"),)
+
 
 _VT = pb.ValueType
 _FIXED: dict[int, np.dtype[Any]] = {

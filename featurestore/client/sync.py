@@ -16,9 +16,12 @@ from featurestore.client.core import (
     CHANNEL_OPTIONS,
     Neighbours,
     OnlineFeatures,
+    PathLike,
     Prediction,
     Ranking,
     RequestValues,
+    call_metadata,
+    channel_credentials,
     neighbours,
     online_features_request,
     predict_request,
@@ -39,22 +42,44 @@ class Client:
     Parameters:
         target: the server address.
         timeout_s: default deadline of each call, float seconds (None: no deadline).
-        credentials: TLS channel credentials; None for plaintext.
+        credentials: TLS channel credentials, ready-made (e.g. grpc.ssl_channel_credentials()
+            for the system's roots); or
+        tls_ca: the PEM CA certificates that signed the server's certificate (TLS);
+        tls_cert, tls_key: PEM client certificate and key, for mutual TLS (the system's
+            roots check the server unless `tls_ca` is given). Without any of these: plaintext.
+        token: a bearer token, sent as `authorization: Bearer <token>` with every call
+            (never printed); the server refuses a call without a valid one
+            (Unauthenticated) or without the method's scope (PermissionDenied).
 
     Failed calls raise this package's errors (NotFound, InvalidArgument, MissingFeature,
-    Unavailable, ...: the class the server raised), chained to the grpc.RpcError.
+    Unavailable, ...: the class the server raised), chained to the grpc.RpcError. A server
+    whose certificate `tls_ca` did not sign, or that refuses the client's certificate,
+    fails the call with Unavailable.
 
         with Client("127.0.0.1:50051") as client:
             result = client.get_online_features({"user_id": [1, 2]}, ["user_profile:age"])
+
+        with Client("features.prod:50051", tls_ca="ca.pem", token=os.environ["FEATURES_TOKEN"]) as client:
+            ...
     """
 
     def __init__(
-        self, target: str, *, timeout_s: float | None = 5.0, credentials: grpc.ChannelCredentials | None = None
+        self,
+        target: str,
+        *,
+        timeout_s: float | None = 5.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
     ) -> None:
-        if credentials is None:
+        self._metadata = call_metadata(token)  # sent with every call
+        tls = channel_credentials(credentials, tls_ca, tls_cert, tls_key)
+        if tls is None:
             self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+            self._channel = grpc.secure_channel(target, tls, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.FeatureStoreStub(self._channel)
         self._timeout_s = timeout_s
 
@@ -81,7 +106,9 @@ class Client:
         """
         request = online_features_request(entities, features, full_feature_names)
         with translated_errors:
-            response = self._stub.GetOnlineFeatures(request, timeout=timeout_s or self._timeout_s)
+            response = self._stub.GetOnlineFeatures(
+                request, timeout=timeout_s or self._timeout_s, metadata=self._metadata
+            )
         return OnlineFeatures(response)
 
     def search_similar(
@@ -120,7 +147,7 @@ class Client:
             view, vectors, ids, k, exclude_query, allow_ids, exclude_ids, features, full_feature_names
         )
         with translated_errors:
-            response = self._stub.SearchSimilar(request, timeout=timeout_s or self._timeout_s)
+            response = self._stub.SearchSimilar(request, timeout=timeout_s or self._timeout_s, metadata=self._metadata)
         return neighbours(response)
 
     def predict(
@@ -149,7 +176,7 @@ class Client:
         """
         request = predict_request(model, entities, request_values, breakdown)
         with translated_errors:
-            response = self._stub.Predict(request, timeout=timeout_s or self._timeout_s)
+            response = self._stub.Predict(request, timeout=timeout_s or self._timeout_s, metadata=self._metadata)
         return prediction(response)
 
     def rank(
@@ -191,7 +218,7 @@ class Client:
             model, context, candidate_ids, query_vector, seed_ids, n_candidates, top_n, request_values, breakdown
         )
         with translated_errors:
-            response = self._stub.Rank(request, timeout=timeout_s or self._timeout_s)
+            response = self._stub.Rank(request, timeout=timeout_s or self._timeout_s, metadata=self._metadata)
         return ranking(response)
 
     def wait_until_serving(self, timeout_s: float = 30.0) -> None:

@@ -8,7 +8,11 @@
 This module is the composition root: it builds the Redis connections (store/), the lookup,
 the hot-key cache (cache/), the retrieval indexes (retrieval/), the models (inference/) and
 the servicers (servicers.py) that translate between them and gRPC, with health, reflection
-and the one error interceptor (interceptors.py).
+and the one error interceptor (interceptors.py); with tokens, the auth interceptor
+(auth.py) runs inside it, and with a certificate the port speaks TLS only (tls.py).
+`--health-port` adds a plaintext port that serves only health, for probes that cannot do
+TLS. Bound to a non-loopback address without tokens or client certificates (or with tokens
+but without TLS), the server logs one warning at start.
 
 Start: health NOT_SERVING -> the registry is loaded, Redis answers PING, the cache is warm
 (within `warm_budget_s`) and every embedding view has an index -> SERVING. Everything
@@ -30,6 +34,7 @@ import contextlib
 import logging
 from contextlib import AsyncExitStack
 
+import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -49,8 +54,10 @@ from featurestore.registry import Registry, load_registry
 from featurestore.retrieval.indexes import ViewIndexes
 from featurestore.retrieval.search import Candidates
 from featurestore.retrieval.spec import IndexConfig
+from featurestore.serving.auth import AuthInterceptor, Keyring, bind_warning
 from featurestore.serving.interceptors import ErrorInterceptor
 from featurestore.serving.servicers import AdminServicer, FeatureStoreServicer
+from featurestore.serving.tls import CertificateFiles, server_credentials
 from featurestore.store.events import EventSubscriber
 from featurestore.store.pipe import RedisPipe
 from featurestore.store.redis import connect, ping
@@ -68,7 +75,8 @@ class FeatureServer:
     """One server process: gRPC on `settings.address` and everything behind it.
 
     After `start`, `lookup`, `indexes`, `scorer` and `cache` (None when off) are the
-    running parts, for tests and operations.
+    running parts, and `keyring` and `certificates` (None when off) the tokens and TLS
+    files in use, for tests and operations.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -79,7 +87,10 @@ class FeatureServer:
         self.scorer: Scorer | None = None
         self.cache: HotCache | None = None
         self.events: EventSubscriber | None = None
+        self.keyring: Keyring | None = None
+        self.certificates: CertificateFiles | None = None
         self.port = 0
+        self.health_port = 0
         self._server: aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._parts = AsyncExitStack()  # what `stop` closes, in reverse order of start
@@ -98,6 +109,10 @@ class FeatureServer:
 
     async def _start_parts(self, parts: AsyncExitStack) -> None:
         settings = self.settings
+        # The cheap checks first: a bad token file or certificate fails before anything starts.
+        self.keyring = Keyring.from_settings(settings.security)
+        credentials = server_credentials(settings.security)
+        self.certificates = credentials[1] if credentials else None
         registry = await asyncio.to_thread(load_registry, settings.repo)
         # redis-py for PING; the read hot path has its own pipelined connection
         # (store/pipe.py: a quarter of a lookup's budget saved).
@@ -130,23 +145,30 @@ class FeatureServer:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._server = self._build_server()
         parts.push_async_callback(self._stop_server, 0.0)  # a failed start drains nothing
-        try:
-            self.port = self._server.add_insecure_port(settings.address)
-        except RuntimeError as exc:  # grpc's way of saying the bind failed
-            self.port = 0
-            cause: Exception | None = exc
-        else:
-            cause = None
-        if self.port == 0:
-            raise ConfigError(
-                f"cannot bind gRPC to {settings.address}: the port is taken or the address is wrong"
-            ) from cause
+        self.port = _bind(self._server, settings.address, credentials[0] if credentials else None)
+        await self._start_health_port(parts)
         await self._server.start()
         parts.push_async_callback(cancel_all, self._tasks)
         self._tasks.append(asyncio.create_task(self._become_ready(redis)))
         if settings.server.registry_refresh_s > 0:
             self._tasks.append(asyncio.create_task(self._refresh_forever()))
-        log.info("featurestore listening on %s:%d", settings.server.host, self.port)
+        if self.keyring is not None and self.keyring.path is not None:
+            self._tasks.append(asyncio.create_task(self.keyring.watch()))
+        log.info("featurestore listening on %s:%d (%s)", settings.server.host, self.port, _protection(settings))
+        warning = bind_warning(settings.server.host, self.port, settings.security)
+        if warning is not None:
+            log.warning("%s", warning)
+
+    async def _start_health_port(self, parts: AsyncExitStack) -> None:
+        """The plaintext health-only port, when asked for: probes that cannot speak TLS use it."""
+        if self.settings.security.health_port == 0:
+            return
+        server = aio.server(options=[("grpc.so_reuseport", 1 if self.settings.server.workers > 1 else 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)  # the same statuses as the main port
+        address = f"{self.settings.server.host}:{self.settings.security.health_port}"
+        self.health_port = _bind(server, address, None)
+        await server.start()
+        parts.push_async_callback(server.stop, 0)
 
     async def _start_scorer(
         self, parts: AsyncExitStack, registry: Registry, lookup: Lookup, indexes: ViewIndexes
@@ -163,12 +185,16 @@ class FeatureServer:
 
     def _build_server(self) -> aio.Server:
         assert self.lookup is not None
+        # The error interceptor outside: it maps and counts auth's refusals like any error.
+        interceptors: list[aio.ServerInterceptor] = [ErrorInterceptor()]
+        if self.keyring is not None:
+            interceptors.append(AuthInterceptor(self.keyring, reflection_open=self.settings.security.reflection_open))
         options = [
             ("grpc.so_reuseport", 1 if self.settings.server.workers > 1 else 0),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
-        server = aio.server(interceptors=[ErrorInterceptor()], options=options)
+        server = aio.server(interceptors=interceptors, options=options)
         servicer = FeatureStoreServicer(self.lookup, self.settings.server.redis_timeout_s, self.indexes, self.scorer)
         pb_grpc.add_FeatureStoreServicer_to_server(servicer, server)
         pb_grpc.add_FeatureStoreAdminServicer_to_server(AdminServicer(self.cache), server)
@@ -241,6 +267,27 @@ class FeatureServer:
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _bind(server: aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind `server` to `address` (TLS with `credentials`); the port, or ConfigError."""
+    try:
+        if credentials is None:
+            port: int = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # grpc's way of saying the bind failed
+        raise ConfigError(f"cannot bind gRPC to {address}: the port is taken or the address is wrong") from exc
+    if port == 0:
+        raise ConfigError(f"cannot bind gRPC to {address}: the port is taken or the address is wrong")
+    return port
+
+
+def _protection(settings: Settings) -> str:
+    """How the port is protected, for the start-up line: "TLS, client certificates, tokens" or "plaintext"."""
+    security = settings.security
+    on = {"TLS": security.tls, "client certificates": security.tls_client_ca is not None, "tokens": security.auth}
+    return ", ".join(name for name, yes in on.items() if yes) or "plaintext"
 
 
 def _index_config(settings: Settings) -> IndexConfig:

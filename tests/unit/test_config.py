@@ -47,6 +47,13 @@ FLAGS = {
     "--hot-publish-s",
     "--warm-budget-s",
     "--models",
+    "--tls-cert",
+    "--tls-key",
+    "--tls-client-ca",
+    "--auth-tokens",
+    "--auth-token-hashes",
+    "--reflection-open",
+    "--health-port",
 }
 
 

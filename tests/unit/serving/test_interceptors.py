@@ -35,6 +35,8 @@ STATUSES = {
     "MissingFeature": grpc.StatusCode.FAILED_PRECONDITION,
     "ModelError": grpc.StatusCode.INTERNAL,
     "LockHeld": grpc.StatusCode.ABORTED,
+    "Unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "PermissionDenied": grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
