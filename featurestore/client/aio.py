@@ -15,12 +15,13 @@ from grpc import aio
 
 from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
 from featurestore.client.core import (
-    CHANNEL_OPTIONS,
+    ChannelOptions,
     Neighbours,
     OnlineFeatures,
     Prediction,
     Ranking,
     RequestValues,
+    channel_options,
     neighbours,
     online_features_request,
     predict_request,
@@ -43,12 +44,17 @@ class AsyncClient:
     """
 
     def __init__(
-        self, target: str, *, timeout_s: float | None = 5.0, credentials: grpc.ChannelCredentials | None = None
+        self,
+        target: str,
+        *,
+        timeout_s: float | None = 5.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: ChannelOptions = (),
     ) -> None:
         if credentials is None:
-            self._channel = aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+            self._channel = aio.insecure_channel(target, options=channel_options(options))
         else:
-            self._channel = aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+            self._channel = aio.secure_channel(target, credentials, options=channel_options(options))
         self._stub = pb_grpc.FeatureStoreStub(self._channel)
         self._timeout_s = timeout_s
 

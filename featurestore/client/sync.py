@@ -13,12 +13,13 @@ import numpy.typing as npt
 
 from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
 from featurestore.client.core import (
-    CHANNEL_OPTIONS,
+    ChannelOptions,
     Neighbours,
     OnlineFeatures,
     Prediction,
     Ranking,
     RequestValues,
+    channel_options,
     neighbours,
     online_features_request,
     predict_request,
@@ -40,6 +41,10 @@ class Client:
         target: the server address.
         timeout_s: default deadline of each call, float seconds (None: no deadline).
         credentials: TLS channel credentials; None for plaintext.
+        options: further gRPC channel arguments, e.g. [("grpc.lb_policy_name", "round_robin")]
+            to spread calls over every address `target` resolves to (a headless Service's
+            pods, or "ipv4:10.0.0.1:50051,10.0.0.2:50051"); a key given here replaces the
+            client's default of the same key.
 
     Failed calls raise this package's errors (NotFound, InvalidArgument, MissingFeature,
     Unavailable, ...: the class the server raised), chained to the grpc.RpcError.
@@ -49,12 +54,17 @@ class Client:
     """
 
     def __init__(
-        self, target: str, *, timeout_s: float | None = 5.0, credentials: grpc.ChannelCredentials | None = None
+        self,
+        target: str,
+        *,
+        timeout_s: float | None = 5.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: ChannelOptions = (),
     ) -> None:
         if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+            self._channel = grpc.insecure_channel(target, options=channel_options(options))
         else:
-            self._channel = grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+            self._channel = grpc.secure_channel(target, credentials, options=channel_options(options))
         self._stub = pb_grpc.FeatureStoreStub(self._channel)
         self._timeout_s = timeout_s
 
