@@ -147,10 +147,7 @@ async def row_sizes(url: str, registry: Registry, sample: int = 200) -> dict[str
 async def run(args: argparse.Namespace) -> None:
     async with populated_store("capacity", args.users) as (repo, registry, url):
         port = free_port()
-        # bench_lookup's serve_command runs `python -m featurestore`, which the restructured
-        # package no longer has (it is `python -m featurestore.cli`): the same arguments here.
-        command = [sys.executable, "-m", "featurestore.cli", *serve_command(repo, url, port)[3:]]
-        with process(command, port) as server:
+        with process(serve_command(repo, url, port), port) as server:
             async with AsyncClient(f"127.0.0.1:{port}") as client:
                 await client.wait_until_serving(60)
             # With one worker, `featurestore serve` serves in its own process: server.pid.
