@@ -13,7 +13,12 @@ for each batch size and each number of calls in flight, a closed loop of `--dura
 * Redis commands per call and Redis's own microseconds per MGET (INFO commandstats), and
   bytes in and out of Redis and of gRPC per call;
 
-and the stored size of a row of each view (STRLEN, MEMORY USAGE).
+and the stored size of a row of each view (STRLEN, MEMORY USAGE). Last, the Redis side of a
+Redis Cluster read on one node: the 100 x 50 lookup's keys as one MGET, against the same
+keys as one MGET per hash tag (an MGET must stay in one slot, and each entity has its
+own tag), all pipelined: Redis CPU per lookup either way; and what one round trip costs
+Redis (a 2-key MGET, from 1 and from 16 connections at once), which a cluster pays once
+per node a lookup touches.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
-from bench_lookup import FEATURES, VIEWS, entities, populated_store, process, serve_command
+from bench_lookup import FEATURES, VIEWS, entities, mget_keys, populated_store, process, serve_command
 from harness import print_table, run_on_uvloop, write_results
 
 from featurestore import AsyncClient
@@ -144,6 +149,67 @@ async def row_sizes(url: str, registry: Registry, sample: int = 200) -> dict[str
     return sizes
 
 
+def by_tag(row_keys: list[bytes]) -> list[list[bytes]]:
+    """`row_keys` grouped by their hash tag (the text between the braces), in first-seen order."""
+    groups: dict[bytes, list[bytes]] = {}
+    for key in row_keys:
+        groups.setdefault(key[key.index(b"{") + 1 : key.rindex(b"}")], []).append(key)
+    return list(groups.values())
+
+
+async def split_cost(url: str, registry: Registry, users: int, repeats: int) -> dict[str, Any]:
+    """Redis CPU per 100 x 50 lookup: one MGET of every key, or one pipelined MGET per hash tag."""
+    redis = aioredis.Redis.from_url(url)
+    row_keys = mget_keys(registry, entities(registry, 100, users, np.random.default_rng(100)))
+    groups = by_tag(row_keys)
+
+    async def whole() -> None:
+        await redis.mget(row_keys)
+
+    async def split() -> None:
+        pipe = redis.pipeline(transaction=False)
+        for group in groups:
+            pipe.mget(group)
+        await pipe.execute()
+
+    cpu = {"one MGET": 0.0, "MGET per tag": 0.0}
+    for _ in range(5):  # alternating blocks: both modes see the same machine
+        for name, call in (("one MGET", whole), ("MGET per tag", split)):
+            before = (await redis_counters(redis))["cpu_s"]
+            for _ in range(repeats // 5):
+                await call()
+            cpu[name] += (await redis_counters(redis))["cpu_s"] - before
+    await redis.aclose()
+    whole_ms, split_ms = (1e3 * cpu[name] / repeats for name in ("one MGET", "MGET per tag"))
+    return {
+        "keys": len(row_keys),
+        "tags": len(groups),
+        "one_mget_redis_cpu_ms": whole_ms,
+        "mget_per_tag_redis_cpu_ms": split_ms,
+        "ratio": split_ms / whole_ms,
+        "us_per_extra_command": 1e3 * (split_ms - whole_ms) / (len(groups) - 1),
+    }
+
+
+async def round_trip_cost(url: str, registry: Registry, repeats: int) -> dict[str, float]:
+    """Redis CPU per round trip of a 2-key MGET (one entity's two user views), 1 and 16 connections."""
+    redis = aioredis.Redis.from_url(url, max_connections=16)
+    row_keys = by_tag(mget_keys(registry, entities(registry, 1, 1000, np.random.default_rng(1))))[0]
+    out = {}
+    for connections in (1, 16):
+
+        async def caller(count: int) -> None:
+            for _ in range(count):
+                await redis.mget(row_keys)
+
+        before = (await redis_counters(redis))["cpu_s"]
+        await asyncio.gather(*(caller(repeats // connections) for _ in range(connections)))
+        spent = (await redis_counters(redis))["cpu_s"] - before
+        out[f"us_per_round_trip_{connections}_connections"] = 1e6 * spent / (repeats // connections * connections)
+    await redis.aclose()
+    return out
+
+
 async def run(args: argparse.Namespace) -> None:
     async with populated_store("capacity", args.users) as (repo, registry, url):
         port = free_port()
@@ -153,6 +219,8 @@ async def run(args: argparse.Namespace) -> None:
             # With one worker, `featurestore serve` serves in its own process: server.pid.
             rows = await measure(args, registry, port, server.pid, url)
         sizes = await row_sizes(url, registry)
+        split = await split_cost(url, registry, args.users, args.split_repeats)
+        split.update(await round_trip_cost(url, registry, 5 * args.split_repeats))
     columns = [
         "entities",
         "in_flight",
@@ -169,7 +237,9 @@ async def run(args: argparse.Namespace) -> None:
     ]
     print_table(rows, columns)
     print(sizes)
-    print("wrote", write_results("capacity", {"config": vars(args), "lookups": rows, "row_sizes": sizes}))
+    print(split)
+    results = {"config": vars(args), "lookups": rows, "row_sizes": sizes, "split_per_tag": split}
+    print("wrote", write_results("capacity", results))
 
 
 def main() -> None:
@@ -178,6 +248,7 @@ def main() -> None:
     parser.add_argument("--entities", type=int, nargs="+", default=[1, 10, 100, 1000])
     parser.add_argument("--in-flight", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--duration-s", type=float, default=4.0)
+    parser.add_argument("--split-repeats", type=int, default=2000, help="lookups per mode in the split measurement")
     args = parser.parse_args()
     sys.setrecursionlimit(10_000)
     run_on_uvloop(run(args))
