@@ -73,7 +73,10 @@ def _materialize_variables(parser: argparse.ArgumentParser) -> set[str]:
     flags = {flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")}
     flags.discard("--help")
     flags.discard("--verbose")
-    return {variable("redis_url" if flag == "--redis" else flag) for flag in flags}
+    known = {variable("redis_url" if flag == "--redis" else flag) for flag in flags}
+    if "--shard" in flags:  # the total that goes with Kubernetes' JOB_COMPLETION_INDEX
+        known.add("FEATURESTORE_SHARD_COUNT")
+    return known
 
 
 def _cluster_urls_supported() -> bool:
