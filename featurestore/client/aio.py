@@ -15,7 +15,7 @@ from grpc import aio
 
 from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
 from featurestore.client.core import (
-    CHANNEL_OPTIONS,
+    ChannelOptions,
     Neighbours,
     OnlineFeatures,
     PathLike,
@@ -24,6 +24,7 @@ from featurestore.client.core import (
     RequestValues,
     call_metadata,
     channel_credentials,
+    channel_options,
     neighbours,
     online_features_request,
     predict_request,
@@ -55,13 +56,14 @@ class AsyncClient:
         tls_ca: PathLike | None = None,
         tls_cert: PathLike | None = None,
         tls_key: PathLike | None = None,
+        options: ChannelOptions = (),
     ) -> None:
         self._metadata = call_metadata(token)  # sent with every call
         tls = channel_credentials(credentials, tls_ca, tls_cert, tls_key)
         if tls is None:
-            self._channel = aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+            self._channel = aio.insecure_channel(target, options=channel_options(options))
         else:
-            self._channel = aio.secure_channel(target, tls, options=CHANNEL_OPTIONS)
+            self._channel = aio.secure_channel(target, tls, options=channel_options(options))
         self._stub = pb_grpc.FeatureStoreStub(self._channel)
         self._timeout_s = timeout_s
 

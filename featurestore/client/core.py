@@ -30,6 +30,7 @@ from featurestore.limits import MAX_K, MAX_MESSAGE_BYTES
 
 __all__ = [
     "CHANNEL_OPTIONS",
+    "ChannelOptions",
     "Metadata",
     "Neighbours",
     "OnlineFeatures",
@@ -38,6 +39,7 @@ __all__ = [
     "RequestValues",
     "call_metadata",
     "channel_credentials",
+    "channel_options",
     "error_from_rpc",
     "neighbours",
     "online_features_request",
@@ -53,6 +55,22 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+
+ChannelOptions = Sequence[tuple[str, Any]]
+
+
+def channel_options(extra: ChannelOptions = ()) -> list[tuple[str, Any]]:
+    """The clients' channel options: `CHANNEL_OPTIONS`, then `extra`, which replaces a default of the same key.
+
+    `extra` is how a caller reaches gRPC's own channel arguments, e.g. client-side load
+    balancing over every address of a headless Service or a list of replicas:
+
+    >>> channel_options([("grpc.lb_policy_name", "round_robin")])[-1]
+    ('grpc.lb_policy_name', 'round_robin')
+    """
+    given = {key for key, _ in extra}
+    return [(key, value) for key, value in CHANNEL_OPTIONS if key not in given] + list(extra)
+
 
 RequestValues = Mapping[str, Sequence[float] | Sequence[int] | Sequence[bool] | npt.NDArray[Any]]
 Metadata = tuple[tuple[str, str], ...]

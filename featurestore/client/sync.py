@@ -13,7 +13,7 @@ import numpy.typing as npt
 
 from featurestore._proto.featurestore.v1 import featurestore_pb2_grpc as pb_grpc
 from featurestore.client.core import (
-    CHANNEL_OPTIONS,
+    ChannelOptions,
     Neighbours,
     OnlineFeatures,
     PathLike,
@@ -22,6 +22,7 @@ from featurestore.client.core import (
     RequestValues,
     call_metadata,
     channel_credentials,
+    channel_options,
     neighbours,
     online_features_request,
     predict_request,
@@ -50,6 +51,10 @@ class Client:
         token: a bearer token, sent as `authorization: Bearer <token>` with every call
             (never printed); the server refuses a call without a valid one
             (Unauthenticated) or without the method's scope (PermissionDenied).
+        options: further gRPC channel arguments, e.g. [("grpc.lb_policy_name", "round_robin")]
+            to spread calls over every address `target` resolves to (a headless Service's
+            pods, or "ipv4:10.0.0.1:50051,10.0.0.2:50051"); a key given here replaces the
+            client's default of the same key.
 
     Failed calls raise this package's errors (NotFound, InvalidArgument, MissingFeature,
     Unavailable, ...: the class the server raised), chained to the grpc.RpcError. A server
@@ -73,13 +78,14 @@ class Client:
         tls_ca: PathLike | None = None,
         tls_cert: PathLike | None = None,
         tls_key: PathLike | None = None,
+        options: ChannelOptions = (),
     ) -> None:
         self._metadata = call_metadata(token)  # sent with every call
         tls = channel_credentials(credentials, tls_ca, tls_cert, tls_key)
         if tls is None:
-            self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+            self._channel = grpc.insecure_channel(target, options=channel_options(options))
         else:
-            self._channel = grpc.secure_channel(target, tls, options=CHANNEL_OPTIONS)
+            self._channel = grpc.secure_channel(target, tls, options=channel_options(options))
         self._stub = pb_grpc.FeatureStoreStub(self._channel)
         self._timeout_s = timeout_s
 
