@@ -35,6 +35,7 @@ STATUSES = {
     "MissingFeature": grpc.StatusCode.FAILED_PRECONDITION,
     "ModelError": grpc.StatusCode.INTERNAL,
     "LockHeld": grpc.StatusCode.ABORTED,
+    "Overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
