@@ -1,0 +1,155 @@
+"""Real `featurestore serve` processes and a Redis of their own, for the fault tests
+(conftest.py makes `own_redis` and `serve` fixtures of this folder).
+
+    proc = await serve(own_redis.url, "--grace-s", "5")   # SERVING, or the test fails
+    proc.port, proc.metrics_port, proc.output()          # after it exited: everything it logged
+
+A fault test kills, pauses or restarts its Redis, so it gets one that no other test
+shares (`own_redis`, per module; `own_redis.restart()` brings it back on the same port).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from featurestore import Client
+from featurestore.cli.options import variable
+from featurestore.config import OPTIONS
+from featurestore.embedded import EmbeddedRedis, free_port
+from featurestore.registry import load_registry
+from featurestore.store.keys import entity_tokens, row_keys
+from featurestore.store.layout import encode_rows
+from featurestore.store.redis import guarded_write
+
+FEATURESTORE = str(Path(sys.executable).parent / "featurestore")
+CLICKS = 7  # user_activity:clicks_1h of every user `write_users` writes
+
+
+class ServeProcess:
+    """A `featurestore serve` child on 127.0.0.1:`port`, its log in a file (a pipe could fill and block it)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, metrics_port: int, log: Path) -> None:
+        self.proc, self.port, self.metrics_port, self.log = proc, port, metrics_port, log
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def metric(self, name: str) -> float | None:
+        """A sample of the process's /metrics ("name" or "name{labels}" as exposed), None when absent."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    async def wait(self, timeout_s: float) -> int:
+        """The exit code, once the process exited (the test fails after `timeout_s`)."""
+        deadline = time.monotonic() + timeout_s
+        while self.proc.poll() is None:
+            assert time.monotonic() < deadline, f"serve did not exit within {timeout_s} s"
+            await asyncio.sleep(0.02)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _environment() -> dict[str, str]:
+    """This environment without the serve options' variables (the flags say everything)."""
+    ours = {variable(option.name) for option in OPTIONS}
+    return {k: v for k, v in os.environ.items() if k not in ours}
+
+
+class RestartableRedis(EmbeddedRedis):
+    """An EmbeddedRedis that a test may kill and start again on the same port."""
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def kill(self) -> None:
+        assert self._proc is not None
+        self._proc.kill()
+        self._proc.wait()
+        self._proc = None
+
+    def restart(self) -> None:
+        self.start()
+
+
+@pytest.fixture(scope="module")
+def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestartableRedis]:
+    with RestartableRedis(tmp_path_factory.mktemp("own-redis")) as server:
+        yield server
+
+
+async def write_users(redis_url: str, repo: Path, ids: list[int]) -> None:
+    """user_activity rows for `ids`, every fixed-width feature CLICKS, as materialization writes them."""
+    registry = load_registry(repo)
+    view = registry.view("user_activity")
+    columns = {f.name: ["x"] * len(ids) if not f.fixed else np.full(len(ids), CLICKS) for f in view.layout.features}
+    rows = encode_rows(view.layout, [time.time_ns() // 1000] * len(ids), columns)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await guarded_write(client, [(row_keys(registry.project, view.name, entity_tokens([ids])), rows)], 0, [])
+    finally:
+        await client.aclose()
+
+
+def start_serve(repo: Path, redis_url: str, log: Path, *flags: str) -> ServeProcess:
+    """`featurestore serve` on free ports, its output in `log`; returns once health says SERVING."""
+    port, metrics_port = free_port(), free_port()
+    cmd = [FEATURESTORE, "serve", "--repo", str(repo), "--redis", redis_url, "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--metrics-port", str(metrics_port), "--registry-refresh-s", "0", *flags]
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=_environment())
+    served = ServeProcess(proc, port, metrics_port, log)
+    try:
+        with Client(served.target) as client:
+            client.wait_until_serving(timeout_s=60)
+    except BaseException:
+        served.kill()
+        raise
+    return served
+
+
+Serve = Callable[..., Awaitable[ServeProcess]]
+
+
+@pytest.fixture
+async def serve(feature_repo: Path, tmp_path: Path) -> AsyncIterator[Serve]:
+    """A factory: await serve(redis_url, *flags) -> a SERVING `featurestore serve`; killed at teardown."""
+    started: list[ServeProcess] = []
+
+    async def start(redis_url: str, *flags: str) -> ServeProcess:
+        log = tmp_path / f"serve-{len(started)}.log"
+        served = await asyncio.to_thread(start_serve, feature_repo, redis_url, log, *flags)
+        started.append(served)
+        return served
+
+    yield start
+    for served in started:
+        served.kill()
