@@ -16,8 +16,8 @@ handler runs, and answers a parse failure itself with UNKNOWN ("Unexpected Decod
 and a traceback in the log, which anyone who can reach the port can repeat. So the
 handlers this interceptor returns carry a deserializer that cannot raise: bytes that do
 not parse become an `_Undecodable` marker, and the guarded handler answers it with
-INVALID_ARGUMENT like any other bad request (streams such as health Watch get the same
-check, nothing more).
+INVALID_ARGUMENT like any other bad request (streams, health Watch and reflection, get
+the same check for each request, nothing more).
 
 Every status message goes through `errors.bounded` (input echoed in it is cut, so it
 never outgrows the client's header limit), and the log gets at most one line per failed
@@ -157,28 +157,31 @@ class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or (handler.unary_unary is None and handler.unary_stream is None):
-            return handler  # client streams (reflection) parse inside their handler
+        if handler is None:
+            return handler
         cached = self._wrapped.get(id(handler))
         if cached is None or cached[0] is not handler:
-            full = handler_call_details.method
-            method = full.rsplit("/", 1)[-1]
-            name = _message_name(handler.request_deserializer)
-            if handler.unary_unary is not None:
-                limited = not full.startswith("/grpc.")  # health and reflection are never shed
-                wrapped = grpc.unary_unary_rpc_method_handler(
-                    self._guard(handler.unary_unary, method, name, limited),
-                    request_deserializer=_safe(handler.request_deserializer),
-                    response_serializer=handler.response_serializer,
-                )
-            else:
-                wrapped = grpc.unary_stream_rpc_method_handler(
-                    self._checked_stream(handler.unary_stream, method, name),
-                    request_deserializer=_safe(handler.request_deserializer),
-                    response_serializer=handler.response_serializer,
-                )
-            cached = self._wrapped[id(handler)] = (handler, wrapped)
+            cached = self._wrapped[id(handler)] = (handler, self._wrap(handler, handler_call_details.method))
         return cached[1]
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
+        """`handler` with a safe deserializer, unary calls guarded, streams checked for undecodable requests."""
+        method = full_method.rsplit("/", 1)[-1]
+        name = _message_name(handler.request_deserializer)
+        deserializer = _safe(handler.request_deserializer)
+        serializer = handler.response_serializer
+        if handler.unary_unary is not None:
+            limited = not full_method.startswith("/grpc.")  # health and reflection are never shed
+            behavior = self._guard(handler.unary_unary, method, name, limited)
+            return grpc.unary_unary_rpc_method_handler(behavior, deserializer, serializer)
+        if handler.unary_stream is not None:
+            behavior = self._checked(handler.unary_stream, method, name, client_streaming=False)
+            return grpc.unary_stream_rpc_method_handler(behavior, deserializer, serializer)
+        if handler.stream_unary is not None:
+            behavior = self._checked(handler.stream_unary, method, name, client_streaming=True)
+            return grpc.stream_unary_rpc_method_handler(behavior, deserializer, serializer)
+        behavior = self._checked(handler.stream_stream, method, name, client_streaming=True)
+        return grpc.stream_stream_rpc_method_handler(behavior, deserializer, serializer)
 
     def _guard(self, behavior: Behavior, method: str, message_name: str, limited: bool) -> Behavior:
         latency = metrics.REQUEST_SECONDS.labels(method)
@@ -224,22 +227,33 @@ class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             " retry with backoff, or on another replica"
         )
 
-    def _checked_stream(self, behavior: Behavior, method: str, message_name: str) -> Behavior:
-        """A server-streaming handler that refuses undecodable requests and is otherwise `behavior` itself."""
+    def _checked(self, behavior: Behavior, method: str, message_name: str, *, client_streaming: bool) -> Behavior:
+        """A streaming handler that refuses undecodable requests and is otherwise `behavior` itself
+        (no counting, no mapping of errors: streams are health Watch and reflection)."""
+
+        async def checked_requests(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+            async for request in requests:
+                if type(request) is _Undecodable:
+                    await self._fail(context, method, _refusal(request, message_name))
+                yield request
+
+        async def checked(request: Any, context: Context) -> Any:
+            if client_streaming:
+                return checked_requests(request, context)
+            if type(request) is _Undecodable:
+                await self._fail(context, method, _refusal(request, message_name))
+            return request
+
         if inspect.isasyncgenfunction(behavior):
 
             async def replies(request: Any, context: Context) -> AsyncIterator[Any]:
-                if type(request) is _Undecodable:
-                    await self._fail(context, method, _refusal(request, message_name))
-                async for reply in behavior(request, context):
+                async for reply in behavior(await checked(request, context), context):
                     yield reply
 
             return replies
 
         async def writes(request: Any, context: Context) -> Any:  # a handler that calls context.write
-            if type(request) is _Undecodable:
-                await self._fail(context, method, _refusal(request, message_name))
-            return await behavior(request, context)
+            return await behavior(await checked(request, context), context)
 
         return writes
 
