@@ -19,6 +19,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ from featurestore.config import OPTIONS
 from featurestore.embedded import EmbeddedRedis, free_port
 from featurestore.registry import load_registry
 from featurestore.store.keys import entity_tokens, row_keys
-from featurestore.store.layout import encode_rows
+from featurestore.store.layout import DType, Layout, encode_rows
 from featurestore.store.redis import guarded_write
 
 FEATURESTORE = str(Path(sys.executable).parent / "featurestore")
@@ -106,17 +107,41 @@ def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestartableR
         yield server
 
 
-async def write_users(redis_url: str, repo: Path, ids: list[int]) -> None:
-    """user_activity rows for `ids`, every fixed-width feature CLICKS, as materialization writes them."""
+def rows_of(layout: Layout, n: int, value: int = CLICKS) -> dict[str, Any]:
+    """Columns of `n` rows for every feature of `layout`: `value` where a number goes, random unit vectors
+    in fixed-length float lists (embeddings, so that retrieval has neighbours), "x" in strings."""
+    rng = np.random.default_rng(n)
+    columns: dict[str, Any] = {}
+    for f in layout.features:
+        if f.fixed and f.length:
+            vectors = rng.standard_normal((n, f.length))
+            columns[f.name] = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(f.dtype.element)
+        elif f.fixed:
+            columns[f.name] = np.full(n, value, dtype=f.dtype.element)
+        elif f.dtype is DType.BYTES:
+            columns[f.name] = [b"x"] * n
+        elif f.dtype is DType.STRING:
+            columns[f.name] = ["x"] * n
+        else:
+            columns[f.name] = [[value]] * n
+    return columns
+
+
+async def write_rows(redis_url: str, repo: Path, view_name: str, ids: list[int], value: int = CLICKS) -> None:
+    """Rows of `view_name` for `ids` (see `rows_of`), written as materialization writes them."""
     registry = load_registry(repo)
-    view = registry.view("user_activity")
-    columns = {f.name: ["x"] * len(ids) if not f.fixed else np.full(len(ids), CLICKS) for f in view.layout.features}
-    rows = encode_rows(view.layout, [time.time_ns() // 1000] * len(ids), columns)
+    view = registry.view(view_name)
+    rows = encode_rows(view.layout, [time.time_ns() // 1000] * len(ids), rows_of(view.layout, len(ids), value))
     client = aioredis.Redis.from_url(redis_url)
     try:
         await guarded_write(client, [(row_keys(registry.project, view.name, entity_tokens([ids])), rows)], 0, [])
     finally:
         await client.aclose()
+
+
+async def write_users(redis_url: str, repo: Path, ids: list[int]) -> None:
+    """user_activity rows for `ids`: user_activity:clicks_1h is CLICKS."""
+    await write_rows(redis_url, repo, "user_activity", ids)
 
 
 def start_serve(repo: Path, redis_url: str, log: Path, *flags: str) -> ServeProcess:

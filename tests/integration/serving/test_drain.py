@@ -17,9 +17,9 @@ import grpc
 import redis.asyncio as aioredis
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serve_helpers import CLICKS, RestartableRedis, Serve, write_users
 
 from featurestore import AsyncClient
-from serve_helpers import CLICKS, RestartableRedis, Serve, write_users
 
 CALLS = 32
 DRAIN_DELAY_S, GRACE_S, PAUSE_MS = 1.0, 10.0, 1500
