@@ -10,6 +10,7 @@ from featurestore.errors import (
     MissingFeature,
     ModelError,
     NotFound,
+    Overloaded,
     Unavailable,
 )
 
@@ -27,6 +28,7 @@ __all__ = [
     "ModelError",
     "NotFound",
     "OnlineFeatures",
+    "Overloaded",
     "Unavailable",
     "__version__",
 ]

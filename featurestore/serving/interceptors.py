@@ -4,7 +4,7 @@
                                     class name in the trailing metadata ERROR_METADATA_KEY
     bytes that do not decode     -> INVALID_ARGUMENT (InvalidArgument), on every method
     more than `max_in_flight`    -> RESOURCE_EXHAUSTED (Overloaded) at once, before any work
-    the caller's deadline passed -> DEADLINE_EXCEEDED
+    the caller's deadline passed -> DEADLINE_EXCEEDED (counted too when grpc cancels the call)
     a method left unimplemented  -> UNIMPLEMENTED
     anything else                -> INTERNAL (logged with its traceback)
 
@@ -33,6 +33,7 @@ would exceed it is refused with RESOURCE_EXHAUSTED before it is parsed any furth
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import time
@@ -202,6 +203,10 @@ class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[misc]
             except FeatureStoreError as exc:
                 await self._fail(context, method, exc)
             except aio.AbortError:
+                raise
+            except asyncio.CancelledError:  # grpc ended the call: its deadline passed, or the caller left
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if _deadline_passed(context) else grpc.StatusCode.CANCELLED
+                metrics.REQUESTS.labels(method, code.name).inc()
                 raise
             except NotImplementedError:
                 await self._end(context, method, grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client.parser import text_string_to_metric_families
 
 from featurestore import Client
 from featurestore.cli.options import variable
@@ -51,14 +52,15 @@ class ServeProcess:
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def metric(self, name: str) -> float | None:
-        """A sample of the process's /metrics ("name" or "name{labels}" as exposed), None when absent."""
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of the sample `name` with `labels` on the process's /metrics (0 when absent)."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
             text = reply.read().decode()
-        for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return None
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return float(sample.value)
+        return 0.0
 
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
