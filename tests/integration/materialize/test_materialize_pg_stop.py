@@ -62,7 +62,8 @@ def dump(url: str) -> dict[bytes, bytes]:
     """Every row key and value of a database (bookkeeping keys left out)."""
     client = redis.Redis.from_url(url)
     keys = [k for k in client.scan_iter(count=10_000) if b":__meta__:" not in k]
-    rows = dict(zip(keys, client.mget(keys), strict=True)) if keys else {}
+    values: list[bytes] = client.mget(keys) if keys else []  # type: ignore[assignment]
+    rows = dict(zip(keys, values, strict=True))
     client.close()
     return rows
 
@@ -92,7 +93,7 @@ async def test_postgres_stopped_mid_run_leaves_no_torn_row_and_the_rerun_converg
     client = redis.Redis.from_url(stopped_url)
     deadline = time.monotonic() + 60
     # Polling another process's progress: there is no event to wait on.
-    while client.dbsize() < len(expected) // 3 and time.monotonic() < deadline:  # noqa: ASYNC110
+    while int(client.dbsize()) < len(expected) // 3 and time.monotonic() < deadline:  # type: ignore[arg-type]  # noqa: ASYNC110
         await asyncio.sleep(0.005)
     await asyncio.to_thread(fast_shutdown, own_pg)
     out, err = await asyncio.wait_for(victim.communicate(), 60)

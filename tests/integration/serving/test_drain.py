@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -85,3 +86,14 @@ async def test_the_listener_closes_after_the_delay_and_watchers_are_told(
         assert await watch.code() == grpc.StatusCode.OK
         assert await served.wait(timeout_s=10) == 0
     assert time.monotonic() - started < 4  # no waiting out the 5 s grace for the watcher
+
+
+async def test_a_second_signal_cuts_the_drain_delay_short(serve: Serve, own_redis: RestartableRedis) -> None:
+    served = await serve(own_redis.url, "--drain-delay-s=60", "--grace-s=5")
+    started = time.monotonic()
+    served.terminate()
+    await asyncio.sleep(0.5)  # NOT_SERVING, still serving
+    served.proc.send_signal(signal.SIGINT)  # Ctrl-C: stop now
+    assert await served.wait(timeout_s=15) == 0
+    assert time.monotonic() - started < 15
+    assert "stopped" in served.output()

@@ -50,7 +50,7 @@ async def load(target: str, until: asyncio.Event, outcomes: list[Outcome]) -> No
                 result = await client.get_online_features({"user_id": USERS}, [FEATURE])
             except FeatureStoreError as exc:
                 assert isinstance(exc.__cause__, grpc.RpcError)
-                what = exc.__cause__.code().name  # type: ignore[attr-defined]
+                what = exc.__cause__.code().name
                 await asyncio.sleep(0.001)  # a failing caller would spin otherwise
             else:
                 if result.values("clicks_1h").tolist() == [CLICKS] * len(USERS):
@@ -64,7 +64,7 @@ async def load(target: str, until: asyncio.Event, outcomes: list[Outcome]) -> No
 
 async def under_load(target: str, fault: Callable[[], Awaitable[None]]) -> list[Outcome]:
     """Run WORKERS callers, apply `fault` (which returns once it is over), then 0.5 s more load."""
-    until, outcomes = asyncio.Event(), []
+    until, outcomes = asyncio.Event(), list[Outcome]()
     workers = [asyncio.ensure_future(load(target, until, outcomes)) for _ in range(WORKERS)]
     await asyncio.sleep(0.5)
     await fault()

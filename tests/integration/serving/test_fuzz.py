@@ -128,12 +128,12 @@ def call(channel: grpc.Channel, method: str, raw: bytes) -> grpc.StatusCode:
         elif kind == "stream":
             replies = channel.unary_stream(method)(raw, timeout=10)
             next(replies)  # Watch answers the current status, then waits for changes
-            replies.cancel()  # type: ignore[attr-defined]
+            replies.cancel()
         else:
             for _ in channel.stream_stream(method)(iter([raw]), timeout=10):
                 pass
     except grpc.RpcError as exc:
-        return exc.code()  # type: ignore[no-any-return,attr-defined]
+        return exc.code()
     return grpc.StatusCode.OK
 
 
@@ -214,11 +214,13 @@ def _value(field: pbd.FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
     if t == pbd.FieldDescriptor.TYPE_BYTES:
         return _BYTES
     if t == pbd.FieldDescriptor.TYPE_ENUM:
+        assert field.enum_type is not None
         return st.sampled_from([v.number for v in field.enum_type.values] + [99])
+    assert field.message_type is not None
     return messages(field.message_type, depth + 1)
 
 
-def messages(descriptor: pbd.Descriptor, depth: int = 0) -> st.SearchStrategy[Message]:
+def messages(descriptor: Any, depth: int = 0) -> st.SearchStrategy[Message]:
     """Random messages of `descriptor`: each field set or not, lists of up to 5, one field per oneof."""
     cls = message_factory.GetMessageClass(descriptor)
 
@@ -254,7 +256,7 @@ def messages(descriptor: pbd.Descriptor, depth: int = 0) -> st.SearchStrategy[Me
 
 
 @st.composite
-def corrupted(draw: Callable[[st.SearchStrategy[Any]], Any], descriptor: pbd.Descriptor) -> bytes:
+def corrupted(draw: Callable[[st.SearchStrategy[Any]], Any], descriptor: Any) -> bytes:
     """A valid message's bytes with one to three bytes flipped, cut or inserted."""
     data = bytearray(draw(messages(descriptor)).SerializeToString())
     for _ in range(draw(st.integers(1, 3))):
