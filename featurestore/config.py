@@ -49,6 +49,11 @@ flag without a value) is on when given; its variable takes true/false, 1/0, yes/
 --grace-s SECONDS  FEATURESTORE_GRACE_S  default 5 s
     Seconds in-flight calls may take to finish after SIGTERM (health turns NOT_SERVING
     first).
+--drain-delay-s SECONDS  FEATURESTORE_DRAIN_DELAY_S  default 2 s
+    Seconds between SIGTERM and closing the listener: health answers NOT_SERVING while
+    calls are still served, so load balancers and Kubernetes stop sending first; then
+    accepted calls get --grace-s to finish. Set it above your health-check interval; a
+    second SIGTERM or SIGINT skips what is left of it.
 --metrics-port N  FEATURESTORE_METRICS_PORT  default 0
     The port of the Prometheus /metrics HTTP server, 0 to 65535 (0: no metrics server).
 --registry-refresh-s SECONDS  FEATURESTORE_REGISTRY_REFRESH_S  default 30 s
@@ -56,6 +61,9 @@ flag without a value) is on when given; its variable takes true/false, 1/0, yes/
     apply` takes effect without a restart (0: never).
 --max-rows N  FEATURESTORE_MAX_ROWS  default 10000
     Entity rows allowed in one request, 1 to 10000.
+--max-in-flight N  FEATURESTORE_MAX_IN_FLIGHT  default 1000
+    Calls one server process runs at once (health and reflection not counted); a call
+    beyond it gets RESOURCE_EXHAUSTED at once instead of waiting. 0: no limit.
 --redis-timeout-s SECONDS  FEATURESTORE_REDIS_TIMEOUT_S  default 1 s
     The socket timeout of every Redis call in seconds, > 0; a call that takes longer fails
     with UNAVAILABLE.
@@ -321,6 +329,15 @@ class ServerSettings:
         default=5.0,
         metadata=_meta("Seconds in-flight calls may take to finish after SIGTERM (health turns NOT_SERVING first)."),
     )
+    drain_delay_s: float = field(
+        default=2.0,
+        metadata=_meta(
+            "Seconds between SIGTERM and closing the listener: health answers NOT_SERVING while calls are"
+            " still served, so load balancers and Kubernetes stop sending first; then accepted calls get"
+            " --grace-s to finish. Set it above your health-check interval; a second SIGTERM or SIGINT skips"
+            " what is left of it."
+        ),
+    )
     metrics_port: int = field(
         default=0,
         metadata=_meta(
@@ -336,6 +353,14 @@ class ServerSettings:
     )
     max_rows: int = field(
         default=MAX_ROWS, metadata=_meta(f"Entity rows allowed in one request, 1 to {MAX_ROWS}.", bounds=(1, MAX_ROWS))
+    )
+    max_in_flight: int = field(
+        default=1000,
+        metadata=_meta(
+            "Calls one server process runs at once (health and reflection not counted); a call beyond it gets"
+            " RESOURCE_EXHAUSTED at once instead of waiting. 0: no limit.",
+            bounds=(0, 1_000_000),
+        ),
     )
     redis_timeout_s: float = field(
         default=1.0,

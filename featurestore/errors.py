@@ -10,7 +10,8 @@
     ├── MissingFeature                FAILED_PRECONDITION (a required model input is absent)
     ├── ModelError                    INTERNAL            (the model raised while scoring)
     ├── Unauthenticated               UNAUTHENTICATED     (no token, or one the server does not know)
-    └── PermissionDenied              PERMISSION_DENIED   (a valid token without the call's scope)
+    ├── PermissionDenied              PERMISSION_DENIED   (a valid token without the call's scope)
+    └── Overloaded                    RESOURCE_EXHAUSTED  (too many calls in flight: retry with backoff)
 
 Library errors are translated at the boundary (`raise NotFound(...) from exc`), so upper
 layers see this tree only. The server maps them to statuses in one interceptor, which
@@ -19,14 +20,24 @@ status and name back into the class with `error_class`. The table both sides use
 derived from the classes below: no second copy to keep in step. Where two classes share a
 status, the first one declared here is the status's canonical class (what a status
 without a known name becomes), so a new class goes below the one it shares a status with.
+
+Messages quote what the caller sent, and the caller may send 100 KB where a name was
+expected: `quote` cuts one value for a message, and `bounded` cuts a whole message (the
+interceptor applies it to every status it sends and every line it logs), so that no
+status outgrows the client's 16 KB header limit (which would turn NOT_FOUND into
+RESOURCE_EXHAUSTED) and no log line outgrows a screen.
 """
 
 from __future__ import annotations
+
+import re
 
 import grpc
 
 __all__ = [
     "ERROR_METADATA_KEY",
+    "MAX_MESSAGE_CHARS",
+    "MAX_QUOTE_CHARS",
     "ConfigError",
     "DeadlineExceeded",
     "FeatureStoreError",
@@ -35,10 +46,13 @@ __all__ = [
     "MissingFeature",
     "ModelError",
     "NotFound",
+    "Overloaded",
     "PermissionDenied",
     "Unauthenticated",
     "Unavailable",
+    "bounded",
     "error_class",
+    "quote",
 ]
 
 # Trailing-metadata key of a failed call: the name of the error class the server raised.
@@ -97,6 +111,12 @@ class PermissionDenied(FeatureStoreError):
     status = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Overloaded(FeatureStoreError):
+    """The server has `max_in_flight` calls in flight: refused at once, retry with backoff."""
+
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 # Every class above, in declaration order (module globals keep it). Names come from the
 # wire, so only these classes can ever be chosen by one.
 _CLASSES: tuple[type[FeatureStoreError], ...] = tuple(
@@ -129,3 +149,52 @@ def error_class(code_name: str, error_name: str | None = None) -> type[FeatureSt
     if cls is not None and cls.status.name == code_name:
         return cls
     return _CANONICAL.get(code_name, FeatureStoreError)
+
+
+MAX_QUOTE_CHARS = 200  # one quoted value in a message
+MAX_MESSAGE_CHARS = 1000  # a whole message: even as %-escaped UTF-8, far below 16 KB
+_CUT_MARK = "…"
+# A run of characters without a space, long enough to be input rather than our prose.
+_LONG_RUN = re.compile(rf"\S{{{MAX_QUOTE_CHARS + 1},}}")
+
+
+def quote(value: object, limit: int = MAX_QUOTE_CHARS) -> str:
+    """`repr(value)` for a message, cut to about `limit` characters when longer.
+
+    Parameters:
+        value: what the caller sent (a name, a reference, a list).
+        limit: the characters kept, head and tail together.
+
+    Returns the repr, or its head, a mark with the full length, and its tail (so the
+    closing quote or bracket stays).
+
+    >>> quote("user_profile:age")
+    "'user_profile:age'"
+    >>> quote("x" * 100_000, limit=20)
+    "'xxxxxxxxxxxxxxx…(100002 chars)…xxx'"
+    """
+    return _cut(repr(value), limit)
+
+
+def bounded(message: str) -> str:
+    """`message` with every run of more than MAX_QUOTE_CHARS non-space characters cut
+    (`quote`'s way) and the whole cut to MAX_MESSAGE_CHARS; short messages are unchanged.
+
+    >>> bounded("unknown model '" + "m" * 100_000 + "'")[:30]
+    "unknown model 'mmmmmmmmmmmmmmm"
+    >>> len(bounded("unknown model '" + "m" * 100_000 + "'")) < 250
+    True
+    """
+    if len(message) <= MAX_QUOTE_CHARS:
+        return message
+    message = _LONG_RUN.sub(lambda run: _cut(run.group(), MAX_QUOTE_CHARS), message)
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 20] + f"{_CUT_MARK}(message cut)"
+    return message
+
+
+def _cut(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    tail = max(limit // 5, 1)
+    return f"{text[: limit - tail]}{_CUT_MARK}({len(text)} chars){_CUT_MARK}{text[-tail:]}"

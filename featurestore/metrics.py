@@ -4,6 +4,10 @@
     featurestore_stage_seconds{stage}           histogram per stage: plan, redis, decode,
                                                 response (proto building)
     featurestore_requests_total{method, code}   calls by gRPC status code
+    featurestore_in_flight_requests             calls of FeatureStore and FeatureStoreAdmin
+                                                running now (health and reflection not
+                                                counted): the autoscaling signal; the
+                                                server refuses calls beyond --max-in-flight
     featurestore_inference_stage_seconds{stage} Predict/Rank stages: queue, redis, decode,
                                                 retrieval, matrix, model, serialization, total
     featurestore_inference_batch_rows           rows per model batch
@@ -47,6 +51,7 @@ __all__ = [
     "INFERENCE_RETRIEVAL",
     "INFERENCE_SERIALIZATION",
     "INFERENCE_TOTAL",
+    "IN_FLIGHT",
     "REQUESTS",
     "REQUEST_SECONDS",
     "STAGE_DECODE",
@@ -89,6 +94,10 @@ STAGE_SECONDS = Histogram(
     buckets=_BUCKETS,
 )
 REQUESTS = Counter("featurestore_requests", "gRPC calls by method and status code.", ["method", "code"])
+# The name is a contract: the Kubernetes autoscaler (deploy/) scales on it.
+IN_FLIGHT = Gauge(
+    "featurestore_in_flight_requests", "FeatureStore and FeatureStoreAdmin calls running now in this process."
+)
 
 STAGE_PLAN = STAGE_SECONDS.labels("plan")
 STAGE_REDIS = STAGE_SECONDS.labels("redis")

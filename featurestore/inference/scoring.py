@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from featurestore import metrics
 from featurestore.decode import PRESENT, decode
-from featurestore.errors import DeadlineExceeded, InvalidArgument, MissingFeature
+from featurestore.errors import DeadlineExceeded, InvalidArgument, MissingFeature, quote
 from featurestore.inference.batching import MicroBatcher
 from featurestore.inference.matrix import InputPlan, assemble
 from featurestore.inference.models import (
@@ -243,6 +243,7 @@ class Scorer:
             raise InvalidArgument(f"top_n={top_n}: ask for at least 1")
         if (candidate_ids is None) == (retrieval is None):
             raise InvalidArgument("send candidate_ids or retrieval")
+        _check_context(context, key)
         retrieval_s = 0.0
         if retrieval is not None:
             t0 = time.perf_counter()
@@ -251,8 +252,6 @@ class Scorer:
         assert candidate_ids is not None
         if not 1 <= candidate_ids.shape[0] <= MAX_CANDIDATES:
             raise InvalidArgument(f"{candidate_ids.shape[0]} candidates: send 1 to {MAX_CANDIDATES}")
-        if key in context:
-            raise InvalidArgument(f"{key!r} is the candidate key: send it as candidates only")
         entities = {**context, key: candidate_ids.tolist()}
         scored = await self.predict(model_name, entities, request_values, timeout_s=timeout_s)
         order = np.argsort(-scored.scores, kind="stable")[:top_n]
@@ -412,15 +411,37 @@ class Scorer:
             )
 
 
+def _check_context(context: Entities, candidate_key: str) -> None:
+    """Rank scores ONE context against its candidates: every context column holds one value.
+
+    (Two values against one candidate used to broadcast the candidate and fail on the
+    ranking's indexes; three against three scored three contexts silently.)
+    """
+    if candidate_key in context:
+        raise InvalidArgument(f"{candidate_key!r} is the candidate key: send it as candidates, not in the context")
+    for name, values in context.items():
+        if len(values) != 1:
+            raise InvalidArgument(
+                f"context (entities) column {quote(name)} holds {len(values)} values: Rank scores one context"
+                " against its candidates, so send exactly one value per column"
+            )
+
+
 def _row_count(entities: Entities, limit: int) -> int:
+    """The entity rows of a call: the length of its columns, which hold n values or 1 (broadcast)."""
     if not entities:
         raise InvalidArgument("no entity columns: send one column per join key, e.g. user_id")
     sizes = {k: len(v) for k, v in entities.items()}
-    n = max(sizes.values())
-    if any(s not in (1, n) for s in sizes.values()):
-        raise InvalidArgument(f"entity columns must hold n values or 1 (broadcast): {sizes}")
-    if n == 0 or min(sizes.values()) == 0:
-        raise InvalidArgument(f"empty entity column: {sizes}")
+    longest = max(sizes, key=sizes.__getitem__)
+    n = sizes[longest]
+    for name, size in sizes.items():
+        if size == 0:
+            raise InvalidArgument(f"entity column {quote(name)} is empty: send 1 value or one per row")
+        if size not in (1, n):
+            raise InvalidArgument(
+                f"entity column {quote(name)} holds {size} values but {quote(longest)} holds {n}:"
+                f" send {n} in every column, or 1 to broadcast"
+            )
     if n > limit:
         raise InvalidArgument(f"{n} entity rows exceed the limit of {limit} per call: split it")
     return n

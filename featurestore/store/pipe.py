@@ -14,7 +14,9 @@ else (writes, scripts, pub/sub, admin) stays on redis-py.
 
 A reply that does not come within `timeout_s` fails its caller with Unavailable and
 closes the connection (its later replies would be out of order for nobody, but a stuck
-server is better reconnected); the next call reconnects.
+server is better reconnected); the next call reconnects. Each pipe has a circuit breaker
+(store/breaker.py): after a few connection failures in a row, calls fail at once with
+Unavailable instead of each waiting `timeout_s`, until a probe gets a reply again.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 import hiredis
 
 from featurestore.errors import ConfigError, Unavailable
+from featurestore.store.breaker import Breaker
 
 __all__ = ["RedisPipe"]
 
@@ -54,12 +57,8 @@ class _Protocol(asyncio.Protocol):
             if reply is False:
                 return
             future = self.waiting.popleft()
-            if future.done():  # its caller timed out or was cancelled
-                continue
-            if isinstance(reply, hiredis.ReplyError):
-                future.set_exception(Unavailable(f"Redis refused the read: {reply}"))
-            else:
-                future.set_result(reply)
+            if not future.done():  # else its caller timed out or was cancelled
+                future.set_result(reply)  # a ReplyError too: the connection works (see execute)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -84,12 +83,14 @@ class RedisPipe:
         host, port, db: the server and logical database.
         timeout_s: connect and reply timeout, float seconds.
         password: for AUTH, when the server asks for one.
+        breaker: the circuit breaker of this connection (default: a Breaker of its own).
     """
 
     __slots__ = (
         "_connecting",
         "_protocol",
         "auth",
+        "breaker",
         "db",
         "host",
         "password",
@@ -109,6 +110,7 @@ class RedisPipe:
         password: str | None = None,
         tls: bool = False,
         path: str | None = None,
+        breaker: Breaker | None = None,
     ) -> None:
         self.host, self.port, self.db = host, port, db
         self.timeout_s = timeout_s
@@ -118,6 +120,7 @@ class RedisPipe:
         self.path = path  # unix://: a Unix socket instead of host and port
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
+        self.breaker = breaker or Breaker(f"Redis at {path or f'{host}:{port}'}")
 
     def with_user(self, username: str | None) -> RedisPipe:
         """Authenticate as `username` (Redis 6 ACLs) rather than the default user."""
@@ -147,7 +150,24 @@ class RedisPipe:
         return pipe.with_user(parts.username)
 
     async def execute(self, *args: bytes | str | int, timeout_s: float | None = None) -> Any:
-        """Send one command and await its reply (hiredis types: bytes, list, int, None)."""
+        """Send one command and await its reply (hiredis types: bytes, list, int, None).
+
+        Unavailable when Redis is unreachable, does not answer within `timeout_s` (default
+        the pipe's), answers with an error, or is known to be down (the breaker: at once).
+        """
+        self.breaker.check()
+        try:
+            reply = await self._command(args, timeout_s)
+        except Unavailable as exc:
+            self.breaker.failure(exc)
+            raise
+        self.breaker.success()
+        if isinstance(reply, hiredis.ReplyError):
+            raise Unavailable(f"Redis refused the read: {reply}")
+        return reply
+
+    async def _command(self, args: tuple[bytes | str | int, ...], timeout_s: float | None) -> Any:
+        """One command's reply, a hiredis.ReplyError included; Unavailable when the connection fails."""
         protocol = self._protocol
         if protocol is None or protocol.closed:
             protocol = await self._connect()
@@ -184,13 +204,19 @@ class RedisPipe:
             self._protocol = protocol
             try:
                 if self.password:
-                    await self.execute(b"AUTH", *self.auth)
+                    await self._set_up(b"AUTH", *self.auth)
                 if self.db:
-                    await self.execute(b"SELECT", self.db)
+                    await self._set_up(b"SELECT", self.db)
             except Unavailable:
                 await self.close()  # never leave an unauthenticated connection behind
                 raise
             return protocol
+
+    async def _set_up(self, *args: bytes | str | int) -> None:
+        """A command of the connection's set-up (not `execute`: the breaker let its caller through already)."""
+        reply = await self._command(args, None)
+        if isinstance(reply, hiredis.ReplyError):
+            raise Unavailable(f"Redis refused {args[0]!r}: {reply}")
 
     async def close(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:

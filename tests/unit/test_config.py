@@ -38,6 +38,8 @@ FLAGS = {
     "--max-rows",
     "--metrics-port",
     "--grace-s",
+    "--drain-delay-s",
+    "--max-in-flight",
     "--index-refresh-s",
     "--index-exact-max",
     "--index-approximate",

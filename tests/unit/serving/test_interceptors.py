@@ -37,6 +37,7 @@ STATUSES = {
     "LockHeld": grpc.StatusCode.ABORTED,
     "Unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
     "PermissionDenied": grpc.StatusCode.PERMISSION_DENIED,
+    "Overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
