@@ -105,8 +105,9 @@ def test_a_usage_error_is_one_line_pointing_at_help(capsys: pytest.CaptureFixtur
 def test_describe_gives_one_line_for_every_kind_of_failure() -> None:
     assert describe(ConfigError("no registry\n  at /x")) == "no registry at /x"
     assert describe(PermissionError(13, "Permission denied", "/data/pg")) == "Permission denied: /data/pg"
+    empty: dict[str, int] = {}
     try:
-        {}["missing"]
+        empty["missing"]
     except KeyError as exc:
         line = describe(exc)
     assert line.startswith("unexpected KeyError at ") and line.endswith(": 'missing'")
