@@ -11,7 +11,9 @@ user must reach two things that may sit in root's private home (a clone under /r
 any 0700 folder, with its .venv inside):
 
 - the data folder: if the user cannot enter it, the cluster lives in the system's
-  temporary area instead (`featurestore-pg-<hash of the path>`);
+  temporary area instead (`featurestore-pg-<hash of the path>`), which notes the path it
+  stands in for; once that path's folder is gone (`make clean`, pytest's old temporary
+  folders) and its server no longer runs, a later start removes it;
 - the binaries: if the user cannot enter their folder, they are copied once to
   `featurestore-pgbin-<hash of their content>` in the temporary area (about 40 MB for the
   wheel) and run from there. Every clone and venv with the same binaries shares the copy;
@@ -198,6 +200,10 @@ def _check_ours(place: Path) -> None:
         raise ConfigError(f"{place} exists but is not a folder of ours that only we can write to; remove it and retry")
 
 
+STAND_IN_PREFIX = "featurestore-pg-"
+ORIGIN = "origin"  # in a stand-in: the path of the data folder it stands in for
+
+
 def _shared_place(data_dir: Path) -> Path:
     """A stand-in for `data_dir` that PostgreSQL's unprivileged user can reach.
 
@@ -206,12 +212,39 @@ def _shared_place(data_dir: Path) -> Path:
     temporary area, named after the requested path so reruns find it again.
     """
     digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
-    place = Path(tempfile.gettempdir()) / f"featurestore-pg-{digest}"
+    place = Path(tempfile.gettempdir()) / f"{STAND_IN_PREFIX}{digest}"
     with contextlib.suppress(FileExistsError):
         place.mkdir()
         place.chmod(0o755)  # not mkdir's mode: a umask of 077 would lock the server's user out
     _check_ours(place)
+    if not (place / ORIGIN).exists():
+        (place / ORIGIN).write_text(str(data_dir))
     return place / data_dir.name
+
+
+def _postmaster_runs(pgdata: Path) -> bool:
+    """True when the postmaster.pid of `pgdata` names a live process."""
+    try:
+        os.kill(int((pgdata / "postmaster.pid").read_text().split()[0]), 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
+def _clean_stand_ins(temp: Path, keep: Path) -> None:
+    """Remove our stand-ins whose data folder's parent is gone and whose server no longer runs.
+
+    A stand-in without an ORIGIN note (made by an older version, or a folder that only
+    shares the prefix) is left alone: nothing tells whether it is still wanted.
+    """
+    for place in temp.glob(STAND_IN_PREFIX + "*"):
+        with contextlib.suppress(OSError):
+            info = place.lstat()
+            if place == keep or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                continue
+            origin = Path((place / ORIGIN).read_text())
+            if not origin.parent.exists() and not _postmaster_runs(place / origin.name / "pgdata"):
+                shutil.rmtree(place)
 
 
 # The binaries' shared copies: featurestore-pgbin-<key> in the temporary area. A copy is
@@ -390,6 +423,8 @@ class EmbeddedPostgres(_Server):
     def start(self) -> None:
         if self._owner is not None and not _others_can_enter(self._bin):
             self._bin = _shared_binaries(self._bin)
+        if self._owner is not None:
+            _clean_stand_ins(Path(tempfile.gettempdir()), keep=self.data_dir.parent)
         self._initdb()
         pgdata = self.data_dir / "pgdata"
         settings = {

@@ -1,8 +1,10 @@
-"""The shared copy of PostgreSQL's binaries (featurestore/embedded.py), on a small stand-in installation.
+"""What embedded.py keeps in the temporary area for root: shared binaries and stand-in data folders.
 
 As root, PostgreSQL runs as another user, which cannot enter a private folder (a clone
-under /root with its .venv inside); the binaries are copied once to the temporary area,
-keyed by their content. These tests point the temporary area at a folder of their own.
+under /root with its .venv inside): the binaries are copied once to the temporary area,
+keyed by their content (tested on a small installation of the wheel's layout), and the
+cluster lives in a stand-in folder there. These tests point the temporary area at a
+folder of their own.
 """
 
 from __future__ import annotations
@@ -123,3 +125,39 @@ def test_copies_unused_for_a_week_are_removed_unless_a_process_runs_from_them(in
     os.utime(busy, (old, old))
     embedded._clean_copies(temp, kept, time.time())
     assert not busy.exists()  # nothing runs from it any more
+
+
+def test_a_stand_in_notes_its_data_folder_and_refuses_a_planted_one(tmp_path: Path, temp: Path) -> None:
+    data_dir = tmp_path / "private" / ".data" / "postgres"
+    stand_in = embedded._shared_place(data_dir)
+    assert stand_in.name == "postgres" and stand_in.parent.parent == temp
+    assert (stand_in.parent / embedded.ORIGIN).read_text() == str(data_dir)
+    assert stat.S_IMODE(stand_in.parent.stat().st_mode) == 0o755
+    assert embedded._shared_place(data_dir) == stand_in  # a rerun finds it again
+    stand_in.parent.chmod(0o777)
+    with pytest.raises(ConfigError, match="not a folder of ours"):
+        embedded._shared_place(data_dir)
+
+
+def test_stand_ins_whose_data_folder_is_gone_are_removed_unless_their_server_runs(tmp_path: Path, temp: Path) -> None:
+    def stand_in(name: str, origin: Path | None, pid: int | None = None) -> Path:
+        place = temp / f"{embedded.STAND_IN_PREFIX}{name}"
+        (place / "postgres" / "pgdata").mkdir(parents=True)
+        if origin is not None:
+            (place / embedded.ORIGIN).write_text(str(origin / "postgres"))
+        if pid is not None:
+            (place / "postgres" / "pgdata" / "postmaster.pid").write_text(f"{pid}\n/data\n")
+        return place
+
+    (tmp_path / "alive").mkdir()
+    gone = tmp_path / "gone"
+    kept = [
+        stand_in("wanted", tmp_path / "alive"),
+        stand_in("running", gone, pid=os.getpid()),
+        stand_in("unknown", None),
+        stand_in("current", gone),
+    ]
+    removed = [stand_in("orphan", gone), stand_in("stopped", gone, pid=2**22 + 1)]  # above Linux's highest pid
+    embedded._clean_stand_ins(temp, keep=kept[-1])
+    assert all(place.exists() for place in kept)
+    assert not any(place.exists() for place in removed)
