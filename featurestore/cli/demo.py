@@ -129,40 +129,49 @@ def run(args: argparse.Namespace) -> int:
     if not (repo / "feature_store.yaml").is_file():
         raise ConfigError(f"no feature_store.yaml in {repo}: run from the project's folder, or give --repo")
     port = args.port or free_port()
-    _check_port(port)
+    _check_port(port)  # before starting anything: a second demo would fail only at its last step
     data = args.data_dir.resolve()
     data.mkdir(parents=True, exist_ok=True)
-    log_path = data / "demo.log"
-    log_path.write_text("")
+    (data / "demo.log").write_text("")
     _step(f"starting Redis and PostgreSQL under {data}")
     with EmbeddedRedis(data / "redis") as redis, EmbeddedPostgres(data / "postgres") as pg:
         env = _env(pg, redis)
         print(f"    Redis {redis.url}   PostgreSQL {pg.dsn}")
-        _step("feast apply")
-        _call("feast apply", [_bin("feast"), "apply"], env, log_path, cwd=repo)
-        _step(f"generating demo data ({args.users:,} users, {args.items:,} items)")
-        generate = [sys.executable, str(repo / "generate.py"), "--dsn", pg.dsn, "--repo", str(repo)]
-        _call("generating data", [*generate, "--users", str(args.users), "--items", str(args.items)], env, log_path)
-        _step("materializing PostgreSQL -> Redis")
-        materialize = [_bin("featurestore-materialize"), "--repo", str(repo), "--redis", redis.url, "--dsn", pg.dsn]
-        _call("materializing", [*materialize, "incremental"], env, log_path)
+        _load(args, repo, pg, redis, env, data / "demo.log")
         _step(f"starting the gRPC server on 127.0.0.1:{port} (its log: {data / 'server.log'})")
         serve = [_bin("featurestore"), "serve", "--repo", str(repo), "--redis", redis.url]
         with (
             (data / "server.log").open("ab") as server_log,
             _server([*serve, "--host", "127.0.0.1", "--port", str(port)], env, server_log) as proc,
         ):
-            target = f"127.0.0.1:{port}"
-            _show_lookup(target, proc, data / "server.log")
-            if args.once:
-                return 0
-            _step(f"serving on {target}; Ctrl-C stops the server, Redis and PostgreSQL")
-            with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how the demo ends, not a failure
-                while proc.poll() is None:
-                    time.sleep(0.5)
-            if proc.returncode not in (None, 0, -signal.SIGINT):
-                raise ConfigError(f"the server stopped (exit {proc.returncode}); its log is {data / 'server.log'}")
+            _show_lookup(f"127.0.0.1:{port}", proc, data / "server.log")
+            if not args.once:
+                _serve_until_ctrl_c(f"127.0.0.1:{port}", proc, data / "server.log")
     return 0
+
+
+def _load(
+    args: argparse.Namespace, repo: Path, pg: EmbeddedPostgres, redis: EmbeddedRedis, env: dict[str, str], log: Path
+) -> None:
+    """feast apply, the demo data into PostgreSQL, and materialization into Redis."""
+    _step("feast apply")
+    _call("feast apply", [_bin("feast"), "apply"], env, log, cwd=repo)
+    _step(f"generating demo data ({args.users:,} users, {args.items:,} items)")
+    generate = [sys.executable, str(repo / "generate.py"), "--dsn", pg.dsn, "--repo", str(repo)]
+    _call("generating data", [*generate, "--users", str(args.users), "--items", str(args.items)], env, log)
+    _step("materializing PostgreSQL -> Redis")
+    materialize = [_bin("featurestore-materialize"), "--repo", str(repo), "--redis", redis.url, "--dsn", pg.dsn]
+    _call("materializing", [*materialize, "incremental"], env, log)
+
+
+def _serve_until_ctrl_c(target: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
+    """Wait for Ctrl-C, which ends the demo (not a failure); ConfigError if the server stops by itself."""
+    _step(f"serving on {target}; Ctrl-C stops the server, Redis and PostgreSQL")
+    with contextlib.suppress(KeyboardInterrupt):
+        while proc.poll() is None:
+            time.sleep(0.5)
+    if proc.returncode not in (None, 0, -signal.SIGINT):
+        raise ConfigError(f"the server stopped (exit {proc.returncode}); its log is {log_path}")
 
 
 def _wait_until_serving(client: Client, proc: subprocess.Popen[bytes], log_path: Path) -> None:
