@@ -136,12 +136,13 @@ flag without a value) is on when given; its variable takes true/false, 1/0, yes/
 from __future__ import annotations
 
 import os
+import re
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from featurestore.errors import ConfigError
 from featurestore.limits import MAX_ROWS
@@ -158,21 +159,74 @@ __all__ = [
     "SecuritySettings",
     "ServerSettings",
     "Settings",
+    "passwords_in",
+    "redact_dsn",
+    "redact_text",
     "redact_url",
 ]
 
 MODELS_FILE = "models.yaml"  # the default models file, next to feature_store.yaml in the repo
 
 
+# Secrets in connection strings, wherever they appear in a line of text:
+# - the password of a URL, scheme://user:PASSWORD@host (up to the last @ of the word: an
+#   unencoded @ in a password must not cut the redaction short);
+# - a password=VALUE pair: a libpq key=value DSN (quoted or not) or a URL's query string.
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@'\"]*:)[^\s'\"]*@")
+_PASSWORD_PAIR = re.compile(r"(?P<head>(?<![\w])password\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s&'\"]+)", re.IGNORECASE)
+# A password this short is not searched for as a literal: its stars would garble the text.
+_MIN_LITERAL = 4
+
+
+def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with every password of a URL or DSN in it replaced by stars, and every one of `secrets`.
+
+    Parameters:
+        text: any line: a message, a log record, an exception's text.
+        secrets: passwords known to the caller (see `passwords_in`), hidden wherever they
+            appear, also outside a URL (a library may quote one alone); those shorter than
+            4 characters are left to the patterns.
+
+    Example: redact_text("Redis at redis://:s3cret@10.0.0.5:6379/0 is unreachable")
+    gives "Redis at redis://:***@10.0.0.5:6379/0 is unreachable".
+    """
+    text = _URL_PASSWORD.sub(r"\g<head>***@", text)
+    text = _PASSWORD_PAIR.sub(r"\g<head>***", text)
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        if len(secret) >= _MIN_LITERAL:
+            text = text.replace(secret, "***")
+    return text
+
+
 def redact_url(url: str) -> str:
-    """`url` with its password replaced by stars, for logs and reprs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """`url` with its password replaced by stars, for logs and reprs (also one in its query string).
+
+    Example: redact_url("redis://user:s3cret@10.0.0.5:6379/0") == "redis://user:***@10.0.0.5:6379/0".
+    """
+    return redact_text(url)
+
+
+def redact_dsn(dsn: str) -> str:
+    """A PostgreSQL DSN with its password replaced by stars, in URL or in key=value form.
+
+    Example: redact_dsn("host=db user=app password='s e'") == "host=db user=app password=***".
+    """
+    return redact_text(dsn)
+
+
+def passwords_in(*dsns: str | None) -> tuple[str, ...]:
+    """The passwords in Redis URLs and PostgreSQL DSNs, as written and percent-decoded, for `redact_text`.
+
+    Example: passwords_in("redis://:p%40ss@h:6379/0", None, "host=db password=x2y3") == ("p%40ss", "p@ss", "x2y3").
+    """
+    found: list[str] = []
+    for dsn in filter(None, dsns):
+        for match in _URL_PASSWORD.finditer(dsn):
+            found.append(match.group(0)[len(match.group("head")) : -1])
+        for match in _PASSWORD_PAIR.finditer(dsn):
+            found.append(match.group(0)[len(match.group("head")) :].strip("'"))
+    decoded = [unquote(p) for p in found]
+    return tuple(dict.fromkeys(p for pair in zip(found, decoded, strict=True) for p in pair if p))
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,8 +356,13 @@ def _validate(settings: Any) -> None:
 
 
 def _check_redis_url(url: str) -> None:
-    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"redis url {redact_url(url)!r} must start with redis://, rediss:// or unix://")
+    try:
+        parts.port  # noqa: B018 - parsed on access; redis-py's ValueError would not name the option
+    except ValueError:
+        raise ConfigError(f"redis url {redact_url(url)!r} has a port that is not a number from 0 to 65535") from None
 
 
 @dataclass(frozen=True, slots=True)

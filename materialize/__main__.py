@@ -15,11 +15,13 @@ FEATURESTORE_LOCK_TTL_S), as for `featurestore serve`: a flag wins over the vari
 variable over the default, and an empty variable counts as unset.
 
 Prints one summary line on stdout on success. On failure it prints one line on stderr
-(no traceback unless -v) and exits with a code the scheduler can branch on:
+(no traceback unless -vv) and exits with a code the scheduler can branch on; no line it
+prints or logs shows the password of the Redis URL or the PostgreSQL DSN:
 
-    0  success                      3  bad configuration (registry, DSN, table)
+    0  success                      3  bad configuration (registry, DSN, table, Redis URL)
     1  unexpected error             4  PostgreSQL or Redis unavailable
     2  bad arguments, unknown view  5  another run holds the lock
+  130  interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from featurestore.cli.edge import INTERRUPTED, OneLineParser, configure_logging, describe, print_line
 from featurestore.cli.options import environment_value, variable
-from featurestore.config import OPTIONS_BY_NAME
+from featurestore.config import OPTIONS_BY_NAME, passwords_in
 from featurestore.errors import (
     ConfigError,
     FeatureStoreError,
@@ -69,7 +72,7 @@ def _moment(text: str) -> datetime:
 def _parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The command line; the options' defaults come from `environ` (os.environ) where set."""
     environ = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="featurestore-materialize",
         description="Copy the latest feature values from PostgreSQL into Redis.",
         epilog="Every option but -v can also be set by its variable; a flag wins over it.",
@@ -78,7 +81,7 @@ def _parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser
     modes = parser.add_subparsers(dest="mode", required=True)
     # The options are accepted after the mode too (`incremental --views a`); there they
     # default to SUPPRESS so that an option given before the mode is not overwritten.
-    after = argparse.ArgumentParser(add_help=False)
+    after = OneLineParser(add_help=False)
     _options(after, environ, defaults=False)
     modes.add_parser("incremental", parents=[after], help="each view from its watermark up to now")
     backfill = modes.add_parser("backfill", parents=[after], help="a given window; watermarks stay")
@@ -155,30 +158,43 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
+PROG = "featurestore-materialize"
+
+
+def _secrets(args: argparse.Namespace | None) -> tuple[str, ...]:
+    """The passwords this run knows: of --redis and --dsn (or their variables) and of the repo's PostgreSQL."""
+    redis = args.redis if args else os.environ.get(variable("redis_url"))
+    dsn = args.dsn if args else os.environ.get(variable("--dsn"))
+    # feature_store.yaml reads its PostgreSQL password from this variable (dsn_from_repo).
+    return (*passwords_in(redis, dsn), *filter(None, [os.environ.get("FEATURESTORE_PG_PASSWORD")]))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code."""
+    """Run the command line; returns the exit code (the module docstring lists them)."""
     try:
         parser = _parser()
     except FeatureStoreError as exc:  # a bad FEATURESTORE_* variable: one line, like a bad flag
-        print(f"featurestore-materialize: {exc}", file=sys.stderr)
+        print_line(PROG, describe(exc), _secrets(None))
         return EXIT_CODES.get(type(exc), 1)
     args = parser.parse_args(argv)
+    secrets = _secrets(args)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("%(asctime)s %(levelname)s %(name)s: %(message)s", level, secrets)
     try:
+        OPTIONS_BY_NAME["redis_url"].check(args.redis)  # a URL redis-py cannot take: one line, not its ValueError
         if args.mode == "warm":
             print(asyncio.run(_warm(args)))
             return 0
         summary = asyncio.run(run(_settings(args)))
     except FeatureStoreError as exc:
-        print(f"featurestore-materialize: {exc}", file=sys.stderr)
+        print_line(PROG, describe(exc), secrets)
         logging.getLogger(__name__).debug("details", exc_info=exc)
         return EXIT_CODES.get(type(exc), 1)
     except KeyboardInterrupt:
-        print("featurestore-materialize: interrupted; watermarks did not move", file=sys.stderr)
-        return 130
+        print_line(PROG, "interrupted; watermarks did not move")
+        return INTERRUPTED
     except Exception as exc:  # the one line promised above; -vv shows the traceback
-        print(f"featurestore-materialize: unexpected {type(exc).__name__}: {exc}", file=sys.stderr)
+        print_line(PROG, describe(exc), secrets)
         logging.getLogger(__name__).debug("details", exc_info=exc)
         return 1
     print(summary.line())

@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
+from multiprocessing.queues import SimpleQueue
 from types import FrameType
 
+from featurestore.cli.edge import INTERRUPTED, OneLineParser, configure_logging, describe
 from featurestore.cli.options import add_options, option_values
-from featurestore.config import OPTIONS, Settings
-from featurestore.errors import FeatureStoreError
+from featurestore.config import OPTIONS, Settings, passwords_in
+from featurestore.errors import ConfigError, FeatureStoreError
 
 __all__ = ["main"]
 
@@ -67,7 +70,7 @@ documents every option.
 def _parser() -> argparse.ArgumentParser:
     from featurestore.cli import cache_status, demo, hash_token
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="featurestore",
         description=PRODUCT,
         epilog=EXAMPLES,
@@ -103,8 +106,9 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_options(option_values(args, OPTIONS, os.environ))
 
 
-def _configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+def _configure_logging(secrets: Iterable[str] = ()) -> None:
+    """Log to stderr with passwords hidden: the patterns of URLs and DSNs, and `secrets` wherever they appear."""
+    configure_logging("%(asctime)s %(process)d %(name)s %(levelname)s %(message)s", secrets=secrets)
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it picked: 8 lines of noise
 
 
@@ -112,7 +116,7 @@ def run_worker(settings: Settings) -> None:
     """Run one server process to completion on uvloop when available."""
     from featurestore.serving.server import run
 
-    _configure_logging()  # a spawned worker starts with a fresh interpreter
+    _configure_logging(passwords_in(settings.redis_url))  # a spawned worker starts with a fresh interpreter
 
     try:
         import uvloop
@@ -121,49 +125,124 @@ def run_worker(settings: Settings) -> None:
     except ImportError:
         runner = asyncio.Runner()
     with runner:
-        runner.run(run(settings))
+        try:
+            runner.run(run(settings))
+        except OSError as exc:  # gRPC's bind failure is a ConfigError already: this is the metrics server's
+            if exc.errno != errno.EADDRINUSE or not settings.server.metrics_port:
+                raise
+            raise ConfigError(f"cannot serve /metrics on port {settings.server.metrics_port}: {exc.strerror}") from exc
 
 
 def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    _configure_logging(passwords_in(settings.redis_url))
     log.info("serving with %r", settings)
     if settings.server.workers == 1:
         run_worker(settings)
         return 0
+    return _run_workers(settings)
+
+
+def _run_workers(settings: Settings) -> int:
+    """Run `settings.server.workers` processes on one port until they stop; the exit code.
+
+    The workers ignore Ctrl-C while they start (they inherit SIGINT ignored): a
+    terminal's Ctrl-C reaches the whole process group, and this process forwards it to
+    them as SIGTERM, so that one process decides what is reported. Every worker fails
+    the same way (the same settings): each hands its one line to this process, which
+    logs the first, rather than N workers printing it N times.
+    """
     context = multiprocessing.get_context("spawn")
+    failures: SimpleQueue[str] = context.SimpleQueue()
     workers = []
     for i in range(settings.server.workers):
         # Only the first worker exposes metrics: the others would collide on its port.
         own = settings if i == 0 else _without_metrics(settings)
-        workers.append(context.Process(target=run_worker, args=(own,), name=f"worker-{i}"))
-    for worker in workers:
-        worker.start()
+        workers.append(context.Process(target=_worker, args=(own, failures), name=f"worker-{i}"))
+    received: list[int] = []
 
     def forward(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
         for worker in workers:
             if worker.pid is not None and worker.is_alive():
                 os.kill(worker.pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for worker in workers:
-        worker.join()
-    return max((w.exitcode or 0 for w in workers), default=0)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for worker in workers:
+            worker.start()
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        for worker in workers:
+            worker.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    codes = [w.exitcode or 0 for w in workers]
+    if not any(codes):
+        return 0
+    if received:  # asked to stop: a worker still starting was ended by our SIGTERM, as asked
+        if signal.SIGINT not in received:
+            return 0
+        log.error("interrupted")
+        return INTERRUPTED
+    log.error("%s", failures.get() if not failures.empty() else f"a worker exited with code {codes}")
+    return max(code if code > 0 else 1 for code in codes)
+
+
+def _worker(settings: Settings, failures: SimpleQueue[str]) -> None:
+    """A spawned worker: `run_worker`, its failure handed to the parent as one line and an exit code."""
+    sys.exit(_guarded(lambda: _run_to_end(settings), failures.put))
+
+
+def _run_to_end(settings: Settings) -> int:
+    run_worker(settings)
+    return 0
 
 
 def _without_metrics(settings: Settings) -> Settings:
     return replace(settings, server=replace(settings.server, metrics_port=0))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The `featurestore` command line; returns the exit code."""
-    _configure_logging()
-    args = _parser().parse_args(argv)
+def _log_failure(line: str) -> None:
+    log.error("%s", line)
+
+
+def _guarded(call: Callable[[], int], report: Callable[[str], None] = _log_failure) -> int:
+    """`call()`'s exit code; a failure is one line handed to `report` (the log) and an exit code.
+
+    2 for our errors (bad settings, a missing repo, a taken port: FeatureStoreError),
+    130 for Ctrl-C, 1 for anything else (an OS error, or a bug: its line says where).
+    The log's formatter hides passwords, so no line carries one.
+    """
     try:
-        return int(args.func(args))
+        return call()
+    except KeyboardInterrupt:
+        report("interrupted")
+        return INTERRUPTED
     except FeatureStoreError as exc:
-        log.error("%s", exc)
+        report(describe(exc))
         return 2
+    except Exception as exc:
+        report(describe(exc))
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `featurestore` command line; returns the exit code.
+
+    Every failure is one line on stderr and a non-zero exit (2: bad arguments or
+    settings, or a start that could not happen; 130: Ctrl-C; 1: anything else), never a
+    traceback, and no line shows a password (cli/edge.py).
+    """
+    _configure_logging()
+    return _guarded(lambda: _run(argv))
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    args = _parser().parse_args(argv)  # a bad flag: one line and SystemExit(2), which passes through
+    return int(args.func(args))
 
 
 if __name__ == "__main__":
