@@ -34,7 +34,9 @@ line naming the option or the variable (exit code 2). Seconds are floats.
     models.yaml).
 --redis REDIS_URL  FEATURESTORE_REDIS_URL  default redis://127.0.0.1:6379/0
     The Redis holding the materialized features: redis://[user:password@]host:port/db,
-    rediss:// (TLS) or unix:// (a socket path). Its password is never printed.
+    rediss:// (TLS), unix:// (a socket path), or a Redis Cluster as
+    redis+cluster://[user:password@]host:port,host:port,... (rediss+cluster:// for TLS).
+    Its password is never printed.
 
 `server` (`ServerSettings`), the gRPC server and its processes:
 
@@ -108,6 +110,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from featurestore.errors import ConfigError
 from featurestore.limits import MAX_ROWS
+from featurestore.store.slots import is_cluster_url, parse_cluster_url, redact_cluster_url
 
 __all__ = [
     "GROUPS",
@@ -128,6 +131,8 @@ MODELS_FILE = "models.yaml"  # the default models file, next to feature_store.ya
 
 def redact_url(url: str) -> str:
     """`url` with its password replaced by stars, for logs and reprs."""
+    if is_cluster_url(url):  # several host:port: urlsplit cannot read its port
+        return redact_cluster_url(url)
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -260,8 +265,13 @@ def _validate(settings: Any) -> None:
 
 
 def _check_redis_url(url: str) -> None:
+    if is_cluster_url(url):
+        parse_cluster_url(url)  # ConfigError naming what is wrong, password hidden
+        return
     if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"redis url {redact_url(url)!r} must start with redis://, rediss:// or unix://")
+        raise ConfigError(
+            f"redis url {redact_url(url)!r} must start with redis://, rediss://, unix:// or redis+cluster://"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,7 +446,9 @@ class Settings:
         default="redis://127.0.0.1:6379/0",
         metadata=_meta(
             "The Redis holding the materialized features: redis://[user:password@]host:port/db, rediss://"
-            " (TLS) or unix:// (a socket path). Its password is never printed.",
+            " (TLS), unix:// (a socket path), or a Redis Cluster as"
+            " redis+cluster://[user:password@]host:port,host:port,... (rediss+cluster:// for TLS)."
+            " Its password is never printed.",
             flag="--redis",
             extra=_check_redis_url,
         ),
