@@ -59,7 +59,7 @@ import hiredis
 
 from featurestore.errors import Unavailable
 from featurestore.store.pipe import RedisPipe
-from featurestore.store.slots import SLOTS, ClusterAddress, key_slot, parse_cluster_url
+from featurestore.store.slots import SLOTS, ClusterAddress, group_by_slot, key_slot, parse_cluster_url
 
 __all__ = ["ClusterPipe", "pack"]
 
@@ -241,13 +241,7 @@ class ClusterPipe(RedisPipe):
 
     async def read_rows(self, keys: Sequence[bytes], timeout_s: float | None = None) -> list[bytes | None]:
         """The value at each key (None where absent): one MGET per slot, every master at once."""
-        groups: dict[int, list[int]] = {}
-        for i, key in enumerate(keys):
-            group = groups.get(slot := key_slot(key))
-            if group is None:
-                groups[slot] = [i]
-            else:
-                group.append(i)
+        groups = group_by_slot(keys)
         commands = [pack((b"MGET", *[keys[i] for i in at])) for at in groups.values()]
         replies = await self.run_per_slot(list(groups), commands, timeout_s)
         rows: list[bytes | None] = [None] * len(keys)

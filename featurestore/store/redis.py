@@ -31,7 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from featurestore.errors import Unavailable
 from featurestore.store.cluster import ClusterPipe, pack
 from featurestore.store.pipe import RedisPipe
-from featurestore.store.slots import is_cluster_url, key_slot, parse_cluster_url
+from featurestore.store.slots import group_by_slot, is_cluster_url, parse_cluster_url
 
 __all__ = [
     "GUARDED_SET",
@@ -256,15 +256,9 @@ async def _guarded_write_cluster(
     """`GUARDED_SET` per slot (a cluster refuses a script whose keys span slots), every
     master at once; the script is loaded on every master first, and again after NOSCRIPT
     (a promoted replica may not have it)."""
-    groups: dict[int, tuple[list[bytes], list[bytes]]] = {}
-    for keys, rows in batches:
-        for key, row in zip(keys, rows, strict=True):
-            group = groups.get(slot := key_slot(key))
-            if group is None:
-                groups[slot] = ([key], [row])
-            else:
-                group[0].append(key)
-                group[1].append(row)
+    keys = [key for batch_keys, _ in batches for key in batch_keys]
+    rows = [row for _, batch_rows in batches for row in batch_rows]
+    groups = {slot: ([keys[i] for i in at], [rows[i] for i in at]) for slot, at in group_by_slot(keys).items()}
     if not sha:
         sha.append(await _load_everywhere(pipe))
     slots = list(groups)

@@ -6,9 +6,17 @@ import re
 
 import pytest
 
+from featurestore.config import Settings, redact_url
 from featurestore.errors import ConfigError
 from featurestore.store.keys import entity_token, row_key
-from featurestore.store.slots import ClusterAddress, is_cluster_url, key_slot, parse_cluster_url, redact_cluster_url
+from featurestore.store.slots import (
+    ClusterAddress,
+    group_by_slot,
+    is_cluster_url,
+    key_slot,
+    parse_cluster_url,
+    redact_cluster_url,
+)
 
 
 @pytest.mark.parametrize(
@@ -27,6 +35,16 @@ from featurestore.store.slots import ClusterAddress, is_cluster_url, key_slot, p
 )
 def test_slots_are_redis_cluster_slots(key: bytes, slot: int) -> None:
     assert key_slot(key) == slot
+
+
+def test_grouping_by_slot_is_key_slot() -> None:
+    keys = [b"foo", b"{user1000}.following", b"p:v:{1}", b"p:w:{1}", b"foo{}{bar}", b"x{", b"x}{", b"", b"p:v:{2}"]
+    groups = group_by_slot(keys)
+    assert [i for at in groups.values() for i in at] != [] and sorted(i for at in groups.values() for i in at) == list(
+        range(len(keys))
+    )
+    for slot, at in groups.items():
+        assert all(key_slot(keys[i]) == slot for i in at) and at == sorted(at)
 
 
 def test_an_entity_views_share_its_slot() -> None:
@@ -72,3 +90,14 @@ def test_the_password_never_prints() -> None:
     assert "secret" not in repr(parse_cluster_url(url))
     address = parse_cluster_url(url)
     assert address.node_url("h2", 7000) == "redis://user:secret@h2:7000/0"
+
+
+def test_the_settings_take_a_cluster_url_and_never_print_its_password() -> None:
+    settings = Settings(redis_url="redis+cluster://:secret@10.0.0.5:7000,10.0.0.6:7000/")
+    assert "secret" not in repr(settings) and "10.0.0.6:7000" in repr(settings)
+    assert redact_url(settings.redis_url) == "redis+cluster://:***@10.0.0.5:7000,10.0.0.6:7000/"
+    with pytest.raises(ConfigError, match="no valid port") as caught:
+        Settings(redis_url="redis+cluster://:secret@10.0.0.5:port/")
+    assert "secret" not in str(caught.value)
+    with pytest.raises(ConfigError, match=re.escape("redis://, rediss://, unix:// or redis+cluster://")):
+        Settings(redis_url="http://10.0.0.5:6379")
