@@ -8,8 +8,9 @@
 --redis takes a Redis Cluster too: redis+cluster://host:port,host:port,... (the rows go
 one guarded-write script per slot to every master at once; store/redis.py).
 
-`--shard i/N` materializes only the entities whose join-key hash modulo N is i (the hash
-computed by PostgreSQL, so each run reads only its rows; materialize/source.py), with a
+`--shard i/N` materializes only the entities whose join-key hash is in the i-th of N
+ranges (the hash computed by PostgreSQL, so each run receives only its rows, and reads
+only them where the table has an index on the hash: materialize/source.py), with a
 watermark per view and a lock of its own: N runs side by side write exactly what one
 run writes. In a Kubernetes indexed Job, set FEATURESTORE_SHARD_COUNT=N instead: the
 shard is then JOB_COMPLETION_INDEX/N (--shard or FEATURESTORE_SHARD win over both).

@@ -9,9 +9,10 @@ leaves watermarks alone: it fills history, it does not advance the incremental j
 Times are int64 microseconds since the Unix epoch (UTC) throughout.
 
 A run may cover one shard of the entities (`Shard`, `--shard i/N`): the entities whose
-join-key hash modulo N is i, the hash computed by PostgreSQL (materialize/source.py), so
-N runs side by side write exactly what one run writes, each reading only its rows. A
-shard has its own watermark per view and its own run lock (store/keys.py).
+join-key hash falls in the i-th of N equal ranges, the hash computed by PostgreSQL
+(materialize/source.py), so N runs side by side write exactly what one run writes, each
+receiving only its rows. A shard has its own watermark per view and its own run lock
+(store/keys.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ __all__ = ["Shard", "Window", "backfill_windows", "incremental_windows", "to_dat
 
 @dataclass(frozen=True, slots=True)
 class Shard:
-    """Shard `index` of `count`: the entities whose key hash modulo `count` is `index`.
+    """Shard `index` of `count`: the entities whose 32-bit key hash falls in the shard's
+    range, the `index`-th of `count` equal ranges (`bounds`; the hash is
+    materialize/source.py's `shard_hash`). Ranges rather than a modulo, so that an index
+    on the hash expression can serve a shard.
 
     >>> Shard.parse("1/3")
     Shard(index=1, count=3)
@@ -56,6 +60,16 @@ class Shard:
             return cls(int(index), int(count))
         except ValueError:
             raise InvalidArgument(f"a shard is index/count, e.g. 0/4, not {text!r}") from None
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """The shard's range of the 32-bit entity hash: low (inclusive), high (exclusive)."""
+        return self.index * 2**32 // self.count, (self.index + 1) * 2**32 // self.count
+
+    def holds(self, entity_hash: int) -> bool:
+        """True when an entity of hash `entity_hash` (see `source.shard_hash`) is in this shard."""
+        low, high = self.bounds
+        return low <= entity_hash < high
 
     @property
     def label(self) -> str:

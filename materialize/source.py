@@ -97,23 +97,29 @@ def _be(dtype: np.dtype[Any]) -> np.dtype[Any]:
     return dtype.newbyteorder(">") if dtype.itemsize > 1 else dtype
 
 
-def shard_hash_sql(view: ViewDef) -> str:
-    """SQL: the shard hash of a source row's entity, an int8 from 0 to 2**32 - 1.
+def shard_hash_sql(join_keys: Sequence[str], alias: str = "src") -> str:
+    """SQL: the shard hash of an entity, from its join-key columns: an int8 from 0 to 2**32 - 1.
 
-    The first 32 bits of the MD5 of the join-key values as text joined by `|`, in the
-    view's join-key order (PostgreSQL's documented md5, so the hash is the same on every
-    server version): `shard_hash` is its Python twin. Every row of one entity hashes
-    alike, so the filter sits before DISTINCT ON and each shard sorts only its rows.
+    The first 32 bits of the MD5 of the join-key values as text, joined by `|`
+    (PostgreSQL's documented md5, so every server version agrees; `shard_hash` is its
+    Python twin). A shard holds a range of it (`Shard.bounds`), so an index on the
+    expression (without the alias) lets each shard read only its rows, e.g.
+
+        CREATE INDEX ON user_profile ((('x' || substr(md5(coalesce("user_id"::text, '')), 1, 8))::bit(32)::int8));
+
+    Without one, each shard scans the table and keeps its entities before sorting them.
+    Every function in it is immutable (what an index expression must be).
     """
-    text = ", ".join(f"src.{_ident(k.name)}::text" for k in view.join_keys)
-    return f"('x' || substr(md5(concat_ws('|', {text})), 1, 8))::bit(32)::int8"
+    prefix = f"{alias}." if alias else ""
+    text = " || '|' || ".join(f"coalesce({prefix}{_ident(k)}::text, '')" for k in join_keys)
+    return f"('x' || substr(md5({text}), 1, 8))::bit(32)::int8"
 
 
 def shard_hash(values: Sequence[int | str]) -> int:
     """The shard hash of an entity from its join-key values (see `shard_hash_sql`).
 
-    >>> shard_hash([42]) % 4   # the entity's shard of 4
-    0
+    >>> Shard(2, 4).holds(shard_hash([42]))   # entity 42 is in the third of 4 shards
+    True
     """
     text = "|".join(str(v) for v in values)
     return int(hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()[:8], 16)
@@ -162,8 +168,10 @@ class SourceQuery:
         if window.start_us is not None:
             where += f" AND {ts} >= $2"
             args.append(to_datetime(window.start_us))
-        if shard is not None:
-            where += f" AND {shard_hash_sql(view)} % {shard.count} = {shard.index}"
+        if shard is not None:  # its entities before DISTINCT ON: it sorts only its rows
+            low, high = shard.bounds
+            hashed = shard_hash_sql([k.name for k in view.join_keys])
+            where += f" AND {hashed} >= {low} AND {hashed} < {high}"
         return (
             f"SELECT {', '.join(self._columns())} FROM (SELECT DISTINCT ON ({keys}) *"
             f" FROM {_table_sql(view.table)} AS src WHERE {where} ORDER BY {order}) AS t",
