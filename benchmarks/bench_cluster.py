@@ -16,7 +16,8 @@ lookup    One embedded Redis and one embedded Redis Cluster (3 masters + 3 repli
 shards    The bench_wide view of bench_materialize (50 float8 features) with `--rows`
           entities in an embedded PostgreSQL; `featurestore-materialize backfill` into an
           embedded Redis, once unsharded, then as `--shards` processes side by side
-          (`--shard i/N`), alternating twice. Rows/s of the side-by-side runs = all rows /
+          (`--shard i/N`), alternating `--rounds` times, with an index on the shard hash (unless
+          --no-hash-index). Rows/s of the side-by-side runs = all rows /
           (last exit - first start of a timed part); the CPU seconds that the jobs
           (Python), PostgreSQL and Redis spent on each, to say what limits it. Target:
           2 shards >= 1.6x one run.
@@ -45,6 +46,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import numpy as np
 import redis
 from bench_lookup import FEATURES, VIEWS, _columns, applied_repo, entities, mget_keys, process, serve_command
@@ -58,6 +60,7 @@ from featurestore.store import keys
 from featurestore.store.layout import encode_rows
 from featurestore.store.pipe import RedisPipe
 from featurestore.store.redis import connect, guarded_write
+from materialize.source import shard_hash_sql
 
 ROOT = Path(__file__).resolve().parent.parent
 MATERIALIZE = str(Path(sys.executable).parent / "featurestore-materialize")
@@ -243,6 +246,15 @@ def _measured(
     return result
 
 
+async def _index_hash(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f"CREATE INDEX ON bench_wide (({shard_hash_sql(['user_id'], alias='')}))")
+        await conn.execute("ANALYZE bench_wide")
+    finally:
+        await conn.close()
+
+
 def bench_shards(args: argparse.Namespace) -> dict[str, Any]:
     from bench_materialize import GenerateOptions, generate, make_repo
 
@@ -255,10 +267,12 @@ def bench_shards(args: argparse.Namespace) -> dict[str, Any]:
             now = datetime.now(UTC)
             options = GenerateOptions(users=args.rows, versions=1, stale_fraction=0.0, chunk_rows=100_000)
             asyncio.run(generate(pg.dsn, registry, options, views=["bench_wide"], now=now))
+            if args.hash_index:  # what README "Sharded materialization" advises for large tables
+                asyncio.run(_index_hash(pg.dsn))
             start, end = now - timedelta(days=40), now + timedelta(seconds=1)
             _jobs(repo, pg.dsn, rds.url, start, end, 1)  # PostgreSQL's cache warm for both
             rounds = []
-            for _ in range(2):
+            for _ in range(args.rounds):
                 rounds.append({"one": _measured(repo, pg, rds, start, end, 1)})
                 rounds[-1]["sharded"] = _measured(repo, pg, rds, start, end, args.shards)
     table = []
@@ -282,7 +296,7 @@ def bench_shards(args: argparse.Namespace) -> dict[str, Any]:
         )
     print_table(table, ["run", "rows/s", "span s", "jobs CPU s", "PostgreSQL CPU s", "Redis CPU s", "cores busy"])
     ratios = [r["sharded"]["rows_per_s"] / r["one"]["rows_per_s"] for r in rounds]
-    return {"rows": args.rows, "shards": args.shards, "rounds": rounds, "ratios": ratios}
+    return {"rows": args.rows, "shards": args.shards, "hash_index": args.hash_index, "rounds": rounds, "ratios": ratios}
 
 
 # failover ----------------------------------------------------------------------------------
@@ -342,6 +356,10 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2000, help="lookups per store (lookup)")
     parser.add_argument("--rows", type=int, default=1_000_000, help="entities of bench_wide (shards)")
     parser.add_argument("--shards", type=int, default=2, help="processes side by side (shards)")
+    parser.add_argument("--rounds", type=int, default=3, help="one run, then the shards, this many times (shards)")
+    parser.add_argument(
+        "--no-hash-index", dest="hash_index", action="store_false", help="no index on the shard hash (shards)"
+    )
     parser.add_argument("--kills", type=int, default=3, help="masters killed one after another (failover)")
     parser.add_argument("--node-timeout-ms", type=int, default=1000, help="cluster-node-timeout (failover)")
     args = parser.parse_args()

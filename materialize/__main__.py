@@ -16,7 +16,7 @@ run writes. In a Kubernetes indexed Job, set FEATURESTORE_SHARD_COUNT=N instead:
 shard is then JOB_COMPLETION_INDEX/N (--shard or FEATURESTORE_SHARD win over both).
 
 `warm` writes nothing: it publishes a "warm" event on the project's events channel, and
-every running server re-reads the fleet's hot set (`<project>:__meta__:hot`) into its
+every running server re-reads the fleet's hot set (`<project>:{__meta__}:hot`) into its
 hot-key cache (featurestore/cache/hotcache.py); servers without a cache ignore it.
 
 Every option but -v can also be set by its environment variable, the flag without dashes

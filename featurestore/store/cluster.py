@@ -36,6 +36,10 @@ and a retry succeeds once the cluster has promoted a replica (cluster-node-timeo
 an election: about 2 s with a 1 s node timeout, see benchmarks/README.md). Rows the hot
 cache holds are still served from it.
 
+A circuit breaker (store/breaker.py, being written beside this) belongs per node here:
+around `_Node.send` in `_round`, so that a dead master fails its own slot groups at once
+while the others are served as usual.
+
 Commands other than MGET go to the master of their first key's slot (keyless ones to
 any master); `run_per_slot` sends prepared commands slot by slot (the guarded write
 uses it: store/redis.py), and `each_master` sends one command to every master (SCRIPT

@@ -15,7 +15,7 @@ import redis
 from featurestore.embedded import EmbeddedRedisCluster
 from featurestore.errors import Unavailable
 from featurestore.store.cluster import ClusterPipe
-from featurestore.store.events import EventSubscriber, Gap, WarmEvent, WrittenEvent, publish_written
+from featurestore.store.events import EventSubscriber, Gap, WarmEvent, WrittenEvent, publish_warm, publish_written
 from featurestore.store.keys import hot_key, versions_key
 from featurestore.store.layout import DType, FeatureSpec, Layout, decode_rows, encode_rows
 from featurestore.store.pipe import RedisPipe
@@ -201,9 +201,11 @@ async def test_events_published_on_one_node_reach_subscribers_on_others(
             await subscriber.wait_subscribed()
         for n in range(1, 4):
             await publish_written(cluster_client, "p", ["v"], ids={"v": [n]})
-        await _until(lambda: all(len(h.events) == 3 for h in heard))
+        await publish_warm(cluster_client, "p", 7)  # `featurestore-materialize warm`
+        await _until(lambda: all(len(h.events) == 4 for h in heard))
         for listener in heard:
             assert [e.versions for e in listener.events if isinstance(e, WrittenEvent)] == [{"v": n} for n in (1, 2, 3)]
+            assert listener.events[-1] == WarmEvent(7)
     finally:
         for subscriber in subscribers:
             await subscriber.close()
