@@ -310,19 +310,18 @@ class ClusterPipe(RedisPipe):
     ) -> list[_Failure]:
         owners = self._owners or [None] * SLOTS
         failed: list[_Failure] = []
-        by_node: dict[_Node, list[int]] = {}
+        by_node: dict[tuple[_Node, bool], list[int]] = {}  # (node, after ASKING) -> commands
         for i in todo:
             node = asked.get(i) or owners[slots[i]]
             if node is None:
                 failed.append(_Failure(i, f"no Redis Cluster master serves slot {slots[i]}", retry=True))
-            elif (at := by_node.get(node)) is None:
-                by_node[node] = [i]
+            elif (at := by_node.get(where := (node, i in asked))) is None:
+                by_node[where] = [i]
             else:
                 at.append(i)
         await self._connect_all(by_node, failed, timeout_s)
         sent = []
-        for node, at in by_node.items():
-            asking = at[0] in asked
+        for (node, asking), at in by_node.items():
             if asking:  # ASKING applies to the next command only: one before each
                 batch = node.send(b"".join(_ASKING + commands[i] for i in at), 2 * len(at))
             elif len(at) == 1:
@@ -351,8 +350,10 @@ class ClusterPipe(RedisPipe):
                     batch.future.cancel()
         return failed
 
-    async def _connect_all(self, by_node: dict[_Node, list[int]], failed: list[_Failure], timeout_s: float) -> None:
-        closed = [node for node in by_node if not node.connected]
+    async def _connect_all(
+        self, by_node: dict[tuple[_Node, bool], list[int]], failed: list[_Failure], timeout_s: float
+    ) -> None:
+        closed = list(dict.fromkeys(node for node, _ in by_node if not node.connected))
         if not closed:
             return
         results = await asyncio.gather(*(n.connect(self.address, timeout_s) for n in closed), return_exceptions=True)
@@ -360,7 +361,8 @@ class ClusterPipe(RedisPipe):
             if isinstance(result, BaseException):
                 if not isinstance(result, Unavailable):
                     raise result
-                failed += [_Failure(i, str(result), retry=True) for i in by_node.pop(node)]
+                for where in [w for w in by_node if w[0] is node]:
+                    failed += [_Failure(i, str(result), retry=True) for i in by_node.pop(where)]
 
     def _redirected(self, index: int, reply: hiredis.ReplyError) -> _Failure | None:
         """The failure an error reply means for the cluster (None: the caller's to judge)."""
