@@ -159,35 +159,40 @@ def _options(parser: argparse.ArgumentParser, environ: Mapping[str, str], *, def
     option(
         "--shard",
         str,
-        None,
+        _job_shard(environ) if defaults else None,
         "only the entities of shard i of N, as i/N (0 <= i < N); without it, FEATURESTORE_SHARD_COUNT=N"
         " takes i from JOB_COMPLETION_INDEX (a Kubernetes indexed Job)",
-        shown="every entity",
+        shown="every entity, or JOB_COMPLETION_INDEX/FEATURESTORE_SHARD_COUNT",
     )
 
 
-def _shard(text: str | None, environ: Mapping[str, str]) -> Shard | None:
-    """The shard of --shard (or FEATURESTORE_SHARD), else of JOB_COMPLETION_INDEX and
-    FEATURESTORE_SHARD_COUNT; None for every entity (a shard of 1 is every entity)."""
-    if text:
-        shard = Shard.parse(text)
-    else:
-        count = environ.get(SHARD_COUNT, "").strip()
-        if not count:
-            return None
-        index = environ.get(JOB_INDEX, "").strip()
-        if not index:
-            raise InvalidArgument(
-                f"{SHARD_COUNT}={count} needs {JOB_INDEX} (set by a Kubernetes indexed Job) or --shard i/N"
-            )
-        try:
-            shard = Shard.parse(f"{index}/{count}")
-        except InvalidArgument as exc:
-            raise InvalidArgument(f"{JOB_INDEX}={index!r} and {SHARD_COUNT}={count!r}: {exc}") from None
+def _job_shard(environ: Mapping[str, str]) -> str | None:
+    """The shard of a Kubernetes indexed Job, "JOB_COMPLETION_INDEX/FEATURESTORE_SHARD_COUNT",
+    or None without the count; the default of --shard when FEATURESTORE_SHARD is unset."""
+    count = environ.get(SHARD_COUNT, "").strip()
+    if not count:
+        return None
+    index = environ.get(JOB_INDEX, "").strip()
+    if not index:
+        raise InvalidArgument(
+            f"{SHARD_COUNT}={count} needs {JOB_INDEX} (set by a Kubernetes indexed Job) or --shard i/N"
+        )
+    try:
+        Shard.parse(f"{index}/{count}")
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{JOB_INDEX}={index!r} and {SHARD_COUNT}={count!r}: {exc}") from None
+    return f"{index}/{count}"
+
+
+def _shard(text: str | None) -> Shard | None:
+    """The shard of --shard; None for every entity (a shard of 1 is every entity)."""
+    if not text:
+        return None
+    shard = Shard.parse(text)
     return None if shard.count == 1 else shard
 
 
-def _settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+def _settings(args: argparse.Namespace) -> Settings:
     if args.batch_rows < 1:
         raise InvalidArgument(f"--batch-rows (FEATURESTORE_BATCH_ROWS) must be >= 1, not {args.batch_rows}")
     return Settings(
@@ -202,7 +207,7 @@ def _settings(args: argparse.Namespace, environ: Mapping[str, str] | None = None
         expiry_grace_s=args.expiry_grace_s,
         lock_ttl_s=args.lock_ttl_s,
         progress=sys.stderr.isatty(),
-        shard=_shard(args.shard, os.environ if environ is None else environ),
+        shard=_shard(args.shard),
     )
 
 

@@ -30,7 +30,7 @@ from featurestore.registry import Registry, ViewDef, load_registry
 from featurestore.store.keys import entity_tokens, legacy_watermark_key, lock_key, row_keys, watermark_key
 from featurestore.store.layout import decode_rows
 from featurestore.store.redis import Client, ClusterClient, connect, mget, scan_keys
-from materialize.__main__ import _shard
+from materialize import __main__ as materialize_cli
 from materialize.job import Settings, Summary, run
 from materialize.plan import Shard, to_us
 from materialize.source import shard_hash, shard_hash_sql
@@ -250,36 +250,43 @@ async def test_a_watermark_never_moves_for_a_run_that_lost_its_lock(redis_client
     assert await redis_client.get(watermark_key("p", "v", "shard-0-of-2")) == b"10"
 
 
+def _shard_of(argv: list[str], environ: dict[str, str]) -> Shard | None:
+    """The shard the command line makes of `argv` (after the mode) and `environ`."""
+    return materialize_cli._settings(materialize_cli._parser(environ).parse_args(["incremental", *argv])).shard
+
+
 @pytest.mark.parametrize(
-    ("flag", "environ", "expected"),
+    ("argv", "environ", "expected"),
     [
-        ("1/4", {}, Shard(1, 4)),
-        ("1/4", {"FEATURESTORE_SHARD_COUNT": "8", "JOB_COMPLETION_INDEX": "5"}, Shard(1, 4)),
-        (None, {"FEATURESTORE_SHARD_COUNT": "8", "JOB_COMPLETION_INDEX": "5"}, Shard(5, 8)),
-        (None, {"JOB_COMPLETION_INDEX": "5"}, None),  # an indexed Job that does not shard
-        ("0/1", {}, None),
-        (None, {}, None),
+        (["--shard", "1/4"], {}, Shard(1, 4)),
+        ([], {"FEATURESTORE_SHARD": "2/4"}, Shard(2, 4)),
+        (["--shard", "1/4"], {"FEATURESTORE_SHARD_COUNT": "8", "JOB_COMPLETION_INDEX": "5"}, Shard(1, 4)),
+        ([], {"FEATURESTORE_SHARD": "2/4", "FEATURESTORE_SHARD_COUNT": "8", "JOB_COMPLETION_INDEX": "5"}, Shard(2, 4)),
+        ([], {"FEATURESTORE_SHARD_COUNT": "8", "JOB_COMPLETION_INDEX": "5"}, Shard(5, 8)),
+        ([], {"JOB_COMPLETION_INDEX": "5"}, None),  # an indexed Job that does not shard
+        (["--shard", "0/1"], {}, None),
+        ([], {}, None),
     ],
 )
 def test_the_shard_comes_from_the_flag_or_an_indexed_job(
-    flag: str | None, environ: dict[str, str], expected: Shard | None
+    argv: list[str], environ: dict[str, str], expected: Shard | None
 ) -> None:
-    assert _shard(flag, environ) == expected
+    assert _shard_of(argv, environ) == expected
 
 
 @pytest.mark.parametrize(
-    ("flag", "environ", "words"),
+    ("argv", "environ", "words"),
     [
-        ("4/4", {}, "shard 4/4 does not exist"),
-        ("1-4", {}, "a shard is index/count"),
-        (None, {"FEATURESTORE_SHARD_COUNT": "4"}, "needs JOB_COMPLETION_INDEX"),
-        (None, {"FEATURESTORE_SHARD_COUNT": "4", "JOB_COMPLETION_INDEX": "4"}, "JOB_COMPLETION_INDEX='4'"),
-        (None, {"FEATURESTORE_SHARD_COUNT": "x", "JOB_COMPLETION_INDEX": "0"}, "a shard is index/count"),
+        (["--shard", "4/4"], {}, "shard 4/4 does not exist"),
+        (["--shard", "1-4"], {}, "a shard is index/count"),
+        ([], {"FEATURESTORE_SHARD_COUNT": "4"}, "needs JOB_COMPLETION_INDEX"),
+        ([], {"FEATURESTORE_SHARD_COUNT": "4", "JOB_COMPLETION_INDEX": "4"}, "JOB_COMPLETION_INDEX='4'"),
+        ([], {"FEATURESTORE_SHARD_COUNT": "x", "JOB_COMPLETION_INDEX": "0"}, "a shard is index/count"),
     ],
 )
-def test_a_bad_shard_is_one_clear_error(flag: str | None, environ: dict[str, str], words: str) -> None:
+def test_a_bad_shard_is_one_clear_error(argv: list[str], environ: dict[str, str], words: str) -> None:
     with pytest.raises(InvalidArgument, match=words):
-        _shard(flag, environ)
+        _shard_of(argv, environ)
 
 
 def test_the_command_line_runs_a_shard_of_an_indexed_job(
@@ -294,4 +301,11 @@ def test_the_command_line_runs_a_shard_of_an_indexed_job(
     assert bad.returncode == 2
     assert bad.stderr.decode().strip().splitlines() == [
         "featurestore-materialize: shard 2/2 does not exist: the index runs from 0 to the count minus 1 (0/2 to 1/2)"
+    ]
+    env.pop("JOB_COMPLETION_INDEX")
+    bad = subprocess.run(cmd, env=env, capture_output=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.decode().strip().splitlines() == [
+        "featurestore-materialize: FEATURESTORE_SHARD_COUNT=2 needs JOB_COMPLETION_INDEX (set by a Kubernetes"
+        " indexed Job) or --shard i/N"
     ]
