@@ -205,7 +205,8 @@ async def test_events_published_on_one_node_reach_subscribers_on_others(
         await _until(lambda: all(len(h.events) == 4 for h in heard))
         for listener in heard:
             assert [e.versions for e in listener.events if isinstance(e, WrittenEvent)] == [{"v": n} for n in (1, 2, 3)]
-            assert listener.events[-1] == WarmEvent(7)
+            # Published on another node: the cluster bus may deliver it before the others.
+            assert WarmEvent(7) in listener.events
     finally:
         for subscriber in subscribers:
             await subscriber.close()
