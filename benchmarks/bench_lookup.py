@@ -116,7 +116,7 @@ def serve_command(repo: Path, url: str, port: int, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "featurestore.cli",
+        "featurestore.cli",  # python -m featurestore.cli: the `featurestore` command
         "serve",
         "--repo",
         str(repo),

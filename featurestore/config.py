@@ -35,7 +35,9 @@ flag without a value) is on when given; its variable takes true/false, 1/0, yes/
     models.yaml).
 --redis REDIS_URL  FEATURESTORE_REDIS_URL  default redis://127.0.0.1:6379/0
     The Redis holding the materialized features: redis://[user:password@]host:port/db,
-    rediss:// (TLS) or unix:// (a socket path). Its password is never printed.
+    rediss:// (TLS), unix:// (a socket path), or a Redis Cluster as
+    redis+cluster://[user:password@]host:port,host:port,... (rediss+cluster:// for TLS).
+    Its password is never printed.
 
 `server` (`ServerSettings`), the gRPC server and its processes:
 
@@ -146,6 +148,7 @@ from urllib.parse import unquote, urlsplit
 
 from featurestore.errors import ConfigError
 from featurestore.limits import MAX_ROWS
+from featurestore.store.slots import is_cluster_url, parse_cluster_url
 
 __all__ = [
     "GROUPS",
@@ -356,9 +359,14 @@ def _validate(settings: Any) -> None:
 
 
 def _check_redis_url(url: str) -> None:
+    if is_cluster_url(url):
+        parse_cluster_url(url)  # ConfigError naming what is wrong, password hidden
+        return
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"redis url {redact_url(url)!r} must start with redis://, rediss:// or unix://")
+        raise ConfigError(
+            f"redis url {redact_url(url)!r} must start with redis://, rediss://, unix:// or redis+cluster://"
+        )
     try:
         parts.port  # noqa: B018 - parsed on access; redis-py's ValueError would not name the option
     except ValueError:
@@ -623,7 +631,9 @@ class Settings:
         default="redis://127.0.0.1:6379/0",
         metadata=_meta(
             "The Redis holding the materialized features: redis://[user:password@]host:port/db, rediss://"
-            " (TLS) or unix:// (a socket path). Its password is never printed.",
+            " (TLS), unix:// (a socket path), or a Redis Cluster as"
+            " redis+cluster://[user:password@]host:port,host:port,... (rediss+cluster:// for TLS)."
+            " Its password is never printed.",
             flag="--redis",
             extra=_check_redis_url,
         ),

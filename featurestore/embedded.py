@@ -34,7 +34,9 @@ import hashlib
 import importlib.util
 import os
 import pwd
+import random
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -43,11 +45,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
+
+import redis
+from redis.exceptions import RedisError
 
 from featurestore.errors import ConfigError
 
-__all__ = ["EmbeddedPostgres", "EmbeddedRedis", "free_port"]
+__all__ = ["EmbeddedPostgres", "EmbeddedRedis", "EmbeddedRedisCluster", "free_port"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -123,9 +128,10 @@ def _redis_binary() -> str:
 class EmbeddedRedis(_Server):
     """redis-server on 127.0.0.1 with no persistence, its files under `data_dir`."""
 
-    def __init__(self, data_dir: Path, port: int = 0) -> None:
+    def __init__(self, data_dir: Path, port: int = 0, extra_args: tuple[str, ...] = ()) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
+        self.extra_args = extra_args  # more redis-server options (EmbeddedRedisCluster's)
 
     @property
     def url(self) -> str:
@@ -149,6 +155,7 @@ class EmbeddedRedis(_Server):
             "no",
             "--logfile",
             str(self.data_dir / "redis.log"),
+            *self.extra_args,
         ]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_for_port(self.host, self.port, self._proc, timeout_s=15)
@@ -466,3 +473,182 @@ class EmbeddedPostgres(_Server):
                 return
             time.sleep(0.1)
         raise ConfigError(f"PostgreSQL on port {self.port} did not become ready")
+
+
+class EmbeddedRedisCluster:
+    """A Redis Cluster on loopback: `masters` masters with `replicas` replicas each, slots
+    split evenly, set up the way redis-cli --cluster create does it (config epochs,
+    ADDSLOTS, MEET, REPLICATE), with the same redis-server as EmbeddedRedis.
+
+    Parameters:
+        data_dir: a folder per node is made under it (nodes.conf, logs).
+        node_timeout_ms: cluster-node-timeout; a dead master's replica takes over about
+            2 x this later (detection, then an election). Redis's default is 15000.
+
+    Each node runs with cluster-require-full-coverage no, so a dead master stops only its
+    own slots, and cluster-replica-validity-factor 0, so a replica always may take over.
+
+        with EmbeddedRedisCluster(Path(".data/cluster")) as cluster:
+            cluster.url        # 'redis+cluster://127.0.0.1:p1,127.0.0.1:p2,127.0.0.1:p3/'
+            cluster.kill(cluster.master_ports()[0])   # a failover follows
+    """
+
+    def __init__(self, data_dir: Path, *, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
+        self.data_dir = data_dir
+        self.masters = masters
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.nodes: list[EmbeddedRedis] = []
+        self.host = "127.0.0.1"
+
+    @property
+    def url(self) -> str:
+        """redis+cluster:// with the first masters as seeds."""
+        return "redis+cluster://" + ",".join(f"{n.host}:{n.port}" for n in self.nodes[: self.masters]) + "/"
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def _node(self, index: int, port: int = 0) -> EmbeddedRedis:
+        port = port or _cluster_port(self.host)
+        args = (
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            str(self.node_timeout_ms),
+            "--cluster-require-full-coverage",
+            "no",
+            "--cluster-replica-validity-factor",
+            "0",
+        )
+        return EmbeddedRedis(self.data_dir / f"node{index}", port, extra_args=args)
+
+    def start(self) -> None:
+        total = self.masters * (1 + self.replicas)
+        self.nodes = [self._node(i) for i in range(total)]
+        for node in self.nodes:
+            node.start()
+        clients = [redis.Redis(host=n.host, port=n.port) for n in self.nodes]
+        try:
+            ids = [_command(c, "CLUSTER", "MYID").decode() for c in clients]
+            per = 16384 // self.masters
+            for m in range(self.masters):
+                _command(clients[m], "CLUSTER", "SET-CONFIG-EPOCH", m + 1)
+                last = 16383 if m == self.masters - 1 else (m + 1) * per - 1
+                _command(clients[m], "CLUSTER", "ADDSLOTS", *range(m * per, last + 1))
+            for node in self.nodes[1:]:
+                _command(clients[0], "CLUSTER", "MEET", node.host, node.port)
+            self._until(lambda c: len(_command(c, "CLUSTER", "NODES").decode().splitlines()) == total, clients)
+            for r in range(self.masters, total):
+                _command(clients[r], "CLUSTER", "REPLICATE", ids[(r - self.masters) % self.masters])
+            self.wait_ok()
+        finally:
+            for c in clients:
+                c.close()
+
+    def _until(self, done: Any, clients: list[Any], timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ConnectionError, RedisError):
+                if all(done(c) for c in clients):
+                    return
+            time.sleep(0.05)
+        raise ConfigError(f"the embedded Redis Cluster under {self.data_dir} did not settle within {timeout_s:.0f} s")
+
+    def wait_ok(self, timeout_s: float = 30.0) -> None:
+        """Return once every live node reports cluster_state:ok, every slot has a master
+        and every master has its replicas, synchronised."""
+        clients = [redis.Redis(host=n.host, port=n.port) for n in self.nodes if n._proc is not None]
+
+        def settled(c: Any) -> bool:
+            if b"cluster_state:ok" not in _command(c, "CLUSTER", "INFO"):
+                return False
+            ranges = _command(c, "CLUSTER", "SLOTS")
+            live = len(clients) // self.masters - 1  # replicas per master still running
+            covered = sum(int(r[1]) - int(r[0]) + 1 for r in ranges) == 16384
+            info = c.info("replication")
+            synced = info["role"] == "master" or info.get("master_link_status") == "up"
+            return covered and all(len(r) - 3 >= min(live, self.replicas) for r in ranges) and synced
+
+        try:
+            self._until(settled, clients, timeout_s)
+        finally:
+            for c in clients:
+                c.close()
+
+    def master_ports(self) -> list[int]:
+        """The ports of the current masters (from a live node's CLUSTER SLOTS), by slot."""
+        for node in self.nodes:
+            if node._proc is None:
+                continue
+            with contextlib.suppress(OSError, RedisError), redis.Redis(host=node.host, port=node.port) as c:
+                return [int(r[2][1]) for r in sorted(_command(c, "CLUSTER", "SLOTS"))]
+        raise ConfigError("no node of the embedded Redis Cluster is running")
+
+    def kill(self, port: int) -> None:
+        """SIGKILL the node on `port` (no goodbye to the cluster: a crash)."""
+        node = next(n for n in self.nodes if n.port == port)
+        if node._proc is not None:
+            node._proc.kill()
+            node._proc.wait()
+            node._proc = None
+
+    def pause(self, port: int) -> None:
+        """SIGSTOP the node on `port`: it keeps its connections and answers nothing."""
+        self._signal(port, signal.SIGSTOP)
+
+    def resume(self, port: int) -> None:
+        """SIGCONT the node on `port` (after `pause`)."""
+        self._signal(port, signal.SIGCONT)
+
+    def _signal(self, port: int, sig: signal.Signals) -> None:
+        node = next(n for n in self.nodes if n.port == port)
+        if node._proc is not None:
+            node._proc.send_signal(sig)
+
+    def restart(self, port: int) -> None:
+        """Start the node on `port` again; it rejoins from its nodes.conf (as a replica
+        when its slots were taken over meanwhile)."""
+        node = next(n for n in self.nodes if n.port == port)
+        if node._proc is None:
+            node.start()
+
+    def flush(self) -> None:
+        """FLUSHALL on every master."""
+        for port in self.master_ports():
+            with redis.Redis(host=self.host, port=port) as c:
+                c.flushall()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def _command(client: redis.Redis, *args: Any) -> Any:
+    """A command on a sync redis-py client (whose execute_command is untyped)."""
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def _cluster_port(host: str) -> int:
+    """A free port for a cluster node: at most 55535, its bus port (+10000) free too."""
+    for _ in range(200):
+        port = random.randint(20_000, 55_535)
+        with contextlib.ExitStack() as stack:
+            try:
+                for p in (port, port + 10_000):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind((host, p))
+            except OSError:
+                continue
+            return port
+    raise ConfigError("no free pair of ports (port, port + 10000) for a Redis Cluster node")

@@ -2,17 +2,28 @@
 
     featurestore-materialize incremental [--views a,b] [--repo PATH] [--redis URL] [--dsn DSN]
     featurestore-materialize backfill --start 2026-11-01T00:00 --end 2026-11-20T00:00
+    featurestore-materialize incremental --shard 1/4     # one of 4 runs side by side
     featurestore-materialize warm [--limit 100000] [--repo PATH] [--redis URL]
 
+--redis takes a Redis Cluster too: redis+cluster://host:port,host:port,... (the rows go
+one guarded-write script per slot to every master at once; store/redis.py).
+
+`--shard i/N` materializes only the entities whose join-key hash is in the i-th of N
+ranges (the hash computed by PostgreSQL, so each run receives only its rows, and reads
+only them where the table has an index on the hash: materialize/source.py), with a
+watermark per view and a lock of its own: N runs side by side write exactly what one
+run writes. In a Kubernetes indexed Job, set FEATURESTORE_SHARD_COUNT=N instead: the
+shard is then JOB_COMPLETION_INDEX/N (--shard or FEATURESTORE_SHARD win over both).
+
 `warm` writes nothing: it publishes a "warm" event on the project's events channel, and
-every running server re-reads the fleet's hot set (`<project>:__meta__:hot`) into its
+every running server re-reads the fleet's hot set (`<project>:{__meta__}:hot`) into its
 hot-key cache (featurestore/cache/hotcache.py); servers without a cache ignore it.
 
 Every option but -v can also be set by its environment variable, the flag without dashes
 in upper case after FEATURESTORE_ (FEATURESTORE_REPO, FEATURESTORE_REDIS_URL for --redis,
 FEATURESTORE_DSN, FEATURESTORE_VIEWS, FEATURESTORE_BATCH_ROWS, FEATURESTORE_EXPIRY_GRACE_S,
-FEATURESTORE_LOCK_TTL_S), as for `featurestore serve`: a flag wins over the variable, the
-variable over the default, and an empty variable counts as unset.
+FEATURESTORE_LOCK_TTL_S, FEATURESTORE_SHARD), as for `featurestore serve`: a flag wins over
+the variable, the variable over the default, and an empty variable counts as unset.
 
 Prints one summary line on stdout on success. On failure it prints one line on stderr
 (no traceback unless -vv) and exits with a code the scheduler can branch on; no line it
@@ -20,7 +31,7 @@ prints or logs shows the password of the Redis URL or the PostgreSQL DSN:
 
     0  success                      3  bad configuration (registry, DSN, table, Redis URL)
     1  unexpected error             4  PostgreSQL or Redis unavailable
-    2  bad arguments, unknown view  5  another run holds the lock
+    2  bad arguments, unknown view  5  another run holds the lock (of this shard)
   130  interrupted (Ctrl-C)
 """
 
@@ -51,6 +62,10 @@ from featurestore.errors import (
 )
 from featurestore.store.events import DEFAULT_WARM_KEYS
 from materialize.job import Settings, run
+from materialize.plan import Shard
+
+SHARD_COUNT = "FEATURESTORE_SHARD_COUNT"  # with JOB_INDEX: the shard of an indexed Job
+JOB_INDEX = "JOB_COMPLETION_INDEX"  # Kubernetes sets it in each pod of an indexed Job
 
 EXIT_CODES: dict[type[FeatureStoreError], int] = {
     InvalidArgument: 2,
@@ -132,12 +147,52 @@ def _options(parser: argparse.ArgumentParser, environ: Mapping[str, str], *, def
     )
     # The repo and Redis default as for `featurestore serve` (featurestore/config.py).
     option("--repo", Path, OPTIONS_BY_NAME["repo"].default, "the Feast repo")
-    option("--redis", str, OPTIONS_BY_NAME["redis_url"].default, "Redis URL", name="redis_url")
+    option(
+        "--redis",
+        str,
+        OPTIONS_BY_NAME["redis_url"].default,
+        "Redis URL (redis+cluster://host:port,... for a Redis Cluster)",
+        name="redis_url",
+    )
     option("--dsn", str, None, "PostgreSQL DSN", shown="the repo's offline_store")
     option("--views", str, "", "comma-separated views", shown="all")
     option("--batch-rows", int, 1000, "rows per script call")
     option("--expiry-grace-s", float, 86_400.0, "seconds Redis keeps rows past their view's TTL")
     option("--lock-ttl-s", float, 30.0, "seconds the run lock outlives a run that died")
+    option(
+        "--shard",
+        str,
+        _job_shard(environ) if defaults else None,
+        "only the entities of shard i of N, as i/N (0 <= i < N); without it, FEATURESTORE_SHARD_COUNT=N"
+        " takes i from JOB_COMPLETION_INDEX (a Kubernetes indexed Job)",
+        shown="every entity, or JOB_COMPLETION_INDEX/FEATURESTORE_SHARD_COUNT",
+    )
+
+
+def _job_shard(environ: Mapping[str, str]) -> str | None:
+    """The shard of a Kubernetes indexed Job, "JOB_COMPLETION_INDEX/FEATURESTORE_SHARD_COUNT",
+    or None without the count; the default of --shard when FEATURESTORE_SHARD is unset."""
+    count = environ.get(SHARD_COUNT, "").strip()
+    if not count:
+        return None
+    index = environ.get(JOB_INDEX, "").strip()
+    if not index:
+        raise InvalidArgument(
+            f"{SHARD_COUNT}={count} needs {JOB_INDEX} (set by a Kubernetes indexed Job) or --shard i/N"
+        )
+    try:
+        Shard.parse(f"{index}/{count}")
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{JOB_INDEX}={index!r} and {SHARD_COUNT}={count!r}: {exc}") from None
+    return f"{index}/{count}"
+
+
+def _shard(text: str | None) -> Shard | None:
+    """The shard of --shard; None for every entity (a shard of 1 is every entity)."""
+    if not text:
+        return None
+    shard = Shard.parse(text)
+    return None if shard.count == 1 else shard
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -155,6 +210,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         expiry_grace_s=args.expiry_grace_s,
         lock_ttl_s=args.lock_ttl_s,
         progress=sys.stderr.isatty(),
+        shard=_shard(args.shard),
     )
 
 

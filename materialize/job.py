@@ -23,16 +23,17 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
-import redis.asyncio as aioredis
 import yaml
 from redis.exceptions import RedisError
 from tqdm import tqdm
 
+from featurestore.config import redact_url
 from featurestore.errors import ConfigError, Unavailable
 from featurestore.registry import Registry, ViewDef, load_registry
 from featurestore.store.events import MAX_EVENT_IDS, publish_written
+from featurestore.store.redis import Client
 from materialize import source
-from materialize.plan import Window, backfill_windows, incremental_windows, to_datetime, to_us
+from materialize.plan import Shard, Window, backfill_windows, incremental_windows, to_datetime, to_us
 from materialize.sink import Counts, SinkOptions, WrittenIds, connect, write_through
 from materialize.watermark import RunLock, advance_watermark, read_watermarks
 
@@ -51,6 +52,7 @@ class Settings:
         one pipeline (one round trip).
     expiry_grace_s: Redis keeps a row this long past its view's TTL.
     lock_ttl_s: how long the run lock outlives a run that died.
+    shard: only the entities of this shard, with its own watermarks and lock (None: all).
     """
 
     repo: Path
@@ -66,6 +68,7 @@ class Settings:
     expiry_grace_s: float = 86_400.0
     lock_ttl_s: float = 30.0
     progress: bool = False
+    shard: Shard | None = None
 
 
 @dataclass(slots=True)
@@ -74,14 +77,16 @@ class Summary:
 
     views: tuple[str, ...]
     counts: Counts = field(default_factory=Counts)
+    shard: Shard | None = None
     setup_s: float = 0.0  # loading the registry (importing Feast dominates)
     seconds: float = 0.0  # from connecting to the last acknowledged write and watermark
 
     def line(self) -> str:
         c = self.counts
         rate = c.read / self.seconds if self.seconds > 0 else 0.0
+        shard = "" if self.shard is None else f" (shard {self.shard.index}/{self.shard.count})"
         return (
-            f"materialized {','.join(self.views)}: read {c.read} rows, wrote {c.written},"
+            f"materialized {','.join(self.views)}{shard}: read {c.read} rows, wrote {c.written},"
             f" skipped {c.skipped} as older, in {self.seconds:.2f} s ({rate:,.0f} rows/s)"
         )
 
@@ -118,14 +123,15 @@ async def run(settings: Settings) -> Summary:
     registry = load_registry(settings.repo)
     views = _select_views(registry, settings.views)
     dsn = settings.dsn or dsn_from_repo(settings.repo)
-    summary = Summary(tuple(v.name for v in views), setup_s=time.perf_counter() - started)
+    summary = Summary(tuple(v.name for v in views), setup_s=time.perf_counter() - started, shard=settings.shard)
+    shard = "" if settings.shard is None else settings.shard.label
     started = time.perf_counter()
     client = connect(settings.redis_url, max_connections=settings.writers + 2)
     try:
         await _ping(client, settings.redis_url)
         conn = await source.connect(dsn)
         try:
-            async with RunLock(client, registry.project, settings.lock_ttl_s) as lock:
+            async with RunLock(client, registry.project, settings.lock_ttl_s, shard=shard) as lock:
                 windows = await _windows(client, registry.project, views, settings)
                 for window in windows:
                     written = WrittenIds(window.view, MAX_EVENT_IDS)
@@ -133,7 +139,8 @@ async def run(settings: Settings) -> Summary:
                     summary.counts.add(counts)
                     lock.check()
                     if window.advances_watermark:
-                        await advance_watermark(client, registry.project, window.view.name, window.end_us)
+                        name, end_us = window.view.name, window.end_us
+                        await advance_watermark(client, registry.project, name, end_us, shard=shard, lock=lock)
                     if counts.written:  # servers refresh what they derive (retrieval indexes)
                         await _announce(client, registry.project, window, written)
         finally:
@@ -144,30 +151,31 @@ async def run(settings: Settings) -> Summary:
     return summary
 
 
-async def _ping(client: aioredis.Redis, url: str) -> None:
+async def _ping(client: Client, url: str) -> None:
     try:
         await client.ping()  # type: ignore[misc]
     except (RedisError, OSError) as exc:
-        raise Unavailable(f"Redis at {url} is unreachable: {exc}") from exc
+        raise Unavailable(f"Redis at {redact_url(url)} is unreachable: {exc}") from exc
 
 
-async def _windows(client: aioredis.Redis, project: str, views: list[ViewDef], settings: Settings) -> list[Window]:
+async def _windows(client: Client, project: str, views: list[ViewDef], settings: Settings) -> list[Window]:
     if settings.mode == "backfill":
         if settings.start is None or settings.end is None:
             raise ConfigError("a backfill needs both --start and --end")
         return backfill_windows(views, to_us(settings.start), to_us(settings.end))
-    marks = await read_watermarks(client, project, [v.name for v in views])
+    shard = "" if settings.shard is None else settings.shard.label
+    marks = await read_watermarks(client, project, [v.name for v in views], shard)
     return incremental_windows(views, marks, int(time.time() * 1_000_000))
 
 
-async def _announce(client: aioredis.Redis, project: str, window: Window, written: WrittenIds) -> None:
+async def _announce(client: Client, project: str, window: Window, written: WrittenIds) -> None:
     """Tell servers the window's view was written, with its entity ids when few enough."""
     name, ids = window.view.name, written.ids
     await publish_written(client, project, [name], ids=None if ids is None else {name: ids}, epoch_us=window.end_us)
 
 
 async def _materialize(
-    client: aioredis.Redis,
+    client: Client,
     conn: Any,
     registry: Registry,
     window: Window,
@@ -185,7 +193,7 @@ async def _materialize(
             written.add(batch)
             await on_batch(batch)
 
-        return source.stream_window(conn, window, noted, batch_rows=rows_per_batch)
+        return source.stream_window(conn, window, noted, batch_rows=rows_per_batch, shard=settings.shard)
 
     options = SinkOptions(
         script_rows=settings.batch_rows,

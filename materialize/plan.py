@@ -7,6 +7,12 @@ TTL starts at the beginning of time). A backfill covers the window it is given a
 leaves watermarks alone: it fills history, it does not advance the incremental job.
 
 Times are int64 microseconds since the Unix epoch (UTC) throughout.
+
+A run may cover one shard of the entities (`Shard`, `--shard i/N`): the entities whose
+join-key hash falls in the i-th of N equal ranges, the hash computed by PostgreSQL
+(materialize/source.py), so N runs side by side write exactly what one run writes, each
+receiving only its rows. A shard has its own watermark per view and its own run lock
+(store/keys.py).
 """
 
 from __future__ import annotations
@@ -18,7 +24,57 @@ from datetime import UTC, datetime
 from featurestore.errors import InvalidArgument
 from featurestore.registry import ViewDef
 
-__all__ = ["Window", "backfill_windows", "incremental_windows", "to_datetime", "to_us"]
+__all__ = ["Shard", "Window", "backfill_windows", "incremental_windows", "to_datetime", "to_us"]
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Shard `index` of `count`: the entities whose 32-bit key hash falls in the shard's
+    range, the `index`-th of `count` equal ranges (`bounds`; the hash is
+    materialize/source.py's `shard_hash`). Ranges rather than a modulo, so that an index
+    on the hash expression can serve a shard.
+
+    >>> Shard.parse("1/3")
+    Shard(index=1, count=3)
+    >>> Shard.parse("1/3").label
+    'shard-1-of-3'
+    """
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise InvalidArgument(
+                f"shard {self.index}/{self.count} does not exist: the index runs from 0 to the count"
+                f" minus 1 (0/{max(self.count, 1)} to {max(self.count, 1) - 1}/{max(self.count, 1)})"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """A shard from "i/N"; InvalidArgument naming the text when it is not one."""
+        index, slash, count = text.strip().partition("/")
+        try:
+            if not slash:
+                raise ValueError(text)
+            return cls(int(index), int(count))
+        except ValueError:
+            raise InvalidArgument(f"a shard is index/count, e.g. 0/4, not {text!r}") from None
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """The shard's range of the 32-bit entity hash: low (inclusive), high (exclusive)."""
+        return self.index * 2**32 // self.count, (self.index + 1) * 2**32 // self.count
+
+    def holds(self, entity_hash: int) -> bool:
+        """True when an entity of hash `entity_hash` (see `source.shard_hash`) is in this shard."""
+        low, high = self.bounds
+        return low <= entity_hash < high
+
+    @property
+    def label(self) -> str:
+        """The shard's name in its watermark and lock keys: "shard-<i>-of-<n>"."""
+        return f"shard-{self.index}-of-{self.count}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,9 @@ from featurestore.errors import FeatureStoreError
 from featurestore.registry import ViewDef
 from featurestore.store.keys import entity_tokens, row_keys
 from featurestore.store.layout import DType, encode_rows
-from featurestore.store.redis import guarded_write
+from featurestore.store.redis import Client, guarded_write
+from featurestore.store.redis import connect as connect_any
+from featurestore.store.slots import is_cluster_url
 from materialize.source import RowBatch
 
 __all__ = [
@@ -122,15 +124,19 @@ class _HiredisPackedConnection(Connection):
         return [hiredis.pack_command(args)]
 
 
-def connect(url: str, *, timeout_s: float = 10.0, max_connections: int = 8) -> aioredis.Redis:
+def connect(url: str, *, timeout_s: float = 10.0, max_connections: int = 8) -> Client:
     """A Redis client for the job: bytes replies, hiredis packing, no health checks.
 
     Parameters:
-        url: redis://host:port/db.
+        url: redis://host:port/db, or redis+cluster://host:port,... for a cluster (a
+            `store.redis.ClusterClient`, whose rows go one script call per slot through
+            its hiredis `ClusterPipe`).
         timeout_s: socket connect and read timeout, seconds; a pipeline of a few
             thousand script calls must fit in it.
         max_connections: at least the number of writers, plus one for bookkeeping.
     """
+    if is_cluster_url(url):
+        return connect_any(url, timeout_s=timeout_s, max_connections=max_connections)
     pool = aioredis.ConnectionPool.from_url(
         url,
         connection_class=_HiredisPackedConnection,
@@ -165,7 +171,7 @@ def _split(packed: Packed, size: int) -> list[tuple[Sequence[bytes], Sequence[by
 
 
 async def write_through(
-    client: aioredis.Redis,
+    client: Client,
     project: str,
     view: ViewDef,
     produce: Producer,

@@ -20,8 +20,9 @@ reads only the length words to find tuple boundaries, and numpy gathers the rest
 
 from __future__ import annotations
 
+import hashlib
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +33,9 @@ import numpy.typing as npt
 from featurestore.errors import ConfigError, Unavailable
 from featurestore.registry import ViewDef
 from featurestore.store.layout import DType, FeatureSpec, VarColumn
-from materialize.plan import Window, to_datetime
+from materialize.plan import Shard, Window, to_datetime
 
-__all__ = ["RowBatch", "SourceQuery", "connect", "stream_window"]
+__all__ = ["RowBatch", "SourceQuery", "connect", "shard_hash", "shard_hash_sql", "stream_window"]
 
 _SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 _PG_EPOCH_US = 946_684_800_000_000  # 2000-01-01 in Unix microseconds
@@ -96,6 +97,34 @@ def _be(dtype: np.dtype[Any]) -> np.dtype[Any]:
     return dtype.newbyteorder(">") if dtype.itemsize > 1 else dtype
 
 
+def shard_hash_sql(join_keys: Sequence[str], alias: str = "src") -> str:
+    """SQL: the shard hash of an entity, from its join-key columns: an int8 from 0 to 2**32 - 1.
+
+    The first 32 bits of the MD5 of the join-key values as text, joined by `|`
+    (PostgreSQL's documented md5, so every server version agrees; `shard_hash` is its
+    Python twin). A shard holds a range of it (`Shard.bounds`), so an index on the
+    expression (without the alias) lets each shard read only its rows, e.g.
+
+        CREATE INDEX ON user_profile ((('x' || substr(md5(coalesce("user_id"::text, '')), 1, 8))::bit(32)::int8));
+
+    Without one, each shard scans the table and keeps its entities before sorting them.
+    Every function in it is immutable (what an index expression must be).
+    """
+    prefix = f"{alias}." if alias else ""
+    text = " || '|' || ".join(f"coalesce({prefix}{_ident(k)}::text, '')" for k in join_keys)
+    return f"('x' || substr(md5({text}), 1, 8))::bit(32)::int8"
+
+
+def shard_hash(values: Sequence[int | str]) -> int:
+    """The shard hash of an entity from its join-key values (see `shard_hash_sql`).
+
+    >>> Shard(2, 4).holds(shard_hash([42]))   # entity 42 is in the third of 4 shards
+    True
+    """
+    text = "|".join(str(v) for v in values)
+    return int(hashlib.md5(text.encode(), usedforsecurity=False).hexdigest()[:8], 16)
+
+
 class SourceQuery:
     """The SELECT of one view and the numpy dtype of its fixed part, built once per view."""
 
@@ -126,8 +155,9 @@ class SourceQuery:
             fields += [(f"__len{i}", ">i4"), (name, dtype)]
         return np.dtype(fields)
 
-    def select(self, window: Window) -> tuple[str, list[Any]]:
-        """The latest-row query of `window`, and its arguments."""
+    def select(self, window: Window, shard: Shard | None = None) -> tuple[str, list[Any]]:
+        """The latest-row query of `window` (of the entities of `shard` only, when given),
+        and its arguments."""
         view = self.view
         keys = ", ".join(_ident(k.name) for k in view.join_keys)
         ts = _ident(view.timestamp_field)
@@ -138,6 +168,10 @@ class SourceQuery:
         if window.start_us is not None:
             where += f" AND {ts} >= $2"
             args.append(to_datetime(window.start_us))
+        if shard is not None:  # its entities before DISTINCT ON: it sorts only its rows
+            low, high = shard.bounds
+            hashed = shard_hash_sql([k.name for k in view.join_keys])
+            where += f" AND {hashed} >= {low} AND {hashed} < {high}"
         return (
             f"SELECT {', '.join(self._columns())} FROM (SELECT DISTINCT ON ({keys}) *"
             f" FROM {_table_sql(view.table)} AS src WHERE {where} ORDER BY {order}) AS t",
@@ -342,6 +376,7 @@ async def stream_window(
     on_batch: Callable[[RowBatch], Awaitable[None]],
     *,
     batch_rows: int = 8000,
+    shard: Shard | None = None,
 ) -> None:
     """Stream the latest row per entity of `window`, calling `on_batch` for each batch.
 
@@ -352,10 +387,11 @@ async def stream_window(
             back-pressure that keeps memory bounded.
         batch_rows: about how many rows make one batch (fewer when rows carry long
             variable-width values: a batch is batch_rows fixed-width parts in bytes).
+        shard: only the entities of this shard (None: all).
     """
     query = SourceQuery(window.view)
     parser = CopyParser(query, batch_rows * query.dtype.itemsize)
-    sql, args = query.select(window)
+    sql, args = query.select(window, shard)
 
     async def sink(chunk: bytes) -> None:
         batch = parser.feed(chunk)

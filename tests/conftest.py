@@ -5,6 +5,10 @@ featurestore/embedded.py), or taken from the environment instead:
 
     FEATURESTORE_TEST_REDIS_URL=redis://127.0.0.1:6379/15
     FEATURESTORE_TEST_PG_DSN=postgresql://postgres@127.0.0.1:5432/postgres
+    FEATURESTORE_TEST_REDIS_CLUSTER_URL=redis+cluster://127.0.0.1:7000,127.0.0.1:7001/
+
+The Redis Cluster (3 masters, 3 replicas, on loopback; `redis_cluster_url`) starts only
+for the tests that ask for it; tests that kill nodes start their own (`make_cluster`).
 
 `feature_repo` is a copy of the project's Feast repo, applied against the test
 PostgreSQL, so tests never touch the developer's own registry.
@@ -12,6 +16,7 @@ PostgreSQL, so tests never touch the developer's own registry.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -26,7 +31,8 @@ from urllib.parse import urlsplit
 import pytest
 import redis.asyncio as aioredis
 
-from featurestore.embedded import EmbeddedPostgres, EmbeddedRedis
+from featurestore.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedRedisCluster
+from featurestore.store.redis import ClusterClient, connect
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,6 +45,40 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     with EmbeddedRedis(tmp_path_factory.mktemp("redis")) as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis Cluster of 3 masters and 3 replicas for the session (its redis+cluster:// URL)."""
+    url = os.environ.get("FEATURESTORE_TEST_REDIS_CLUSTER_URL")
+    if url:
+        yield url
+        return
+    with EmbeddedRedisCluster(tmp_path_factory.mktemp("cluster")) as cluster:
+        yield cluster.url
+
+
+@pytest.fixture
+def make_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], EmbeddedRedisCluster]]:
+    """A factory of Redis Clusters (3 masters, 3 replicas) of a test's own, for tests that
+    kill or pause nodes; all stopped after the test."""
+    with contextlib.ExitStack() as stack:
+
+        def make() -> EmbeddedRedisCluster:
+            return stack.enter_context(EmbeddedRedisCluster(tmp_path_factory.mktemp("own-cluster")))
+
+        yield make
+
+
+@pytest.fixture
+async def cluster_client(redis_cluster_url: str) -> AsyncIterator[ClusterClient]:
+    """A client of the session's cluster, every master flushed; flushed again after the test."""
+    client = connect(redis_cluster_url)
+    assert isinstance(client, ClusterClient)
+    await client.rows.each_master(b"FLUSHALL")
+    yield client
+    await client.rows.each_master(b"FLUSHALL")
+    await client.aclose()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@
 
 - Invalidation. Materialization announces every view it wrote on the events channel,
   after Redis acknowledged the rows, with the view's new write version (a counter in
-  the hash `<project>:__meta__:versions`, incremented in the same script that
+  the hash `<project>:{__meta__}:versions`, incremented in the same script that
   publishes; store/events.py) and, for runs of at most 100k rows, the entity ids. An
   event with ids drops those keys (and re-reads the ones that were cached); one without
   drops the view's keys (and re-reads them); a version that skips one (an event was

@@ -4,7 +4,7 @@
     await warmup.warm(100_000, budget_s=10)   # the fleet's hot rows, before SERVING
     await warmup.rewarm(row_keys)             # invalidated rows, read again in the background
 
-Pre-warm: `warm` reads the fleet's hot set (the sorted set `<project>:__meta__:hot`,
+Pre-warm: `warm` reads the fleet's hot set (the sorted set `<project>:{__meta__}:hot`,
 which every replica refreshes with its own hot keys every `publish_s`; hotset.py) into
 the cache; the server calls it before reporting SERVING; a "warm" event
 (`featurestore-materialize warm`) makes every replica call it again. After a run,

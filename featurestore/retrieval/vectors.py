@@ -16,13 +16,12 @@ import logging
 import time
 
 import numpy as np
-import redis.asyncio as aioredis
 
 from featurestore.registry import ViewDef
 from featurestore.retrieval.spec import Vectors
 from featurestore.store.keys import entity_tokens, row_keys, view_key_pattern
 from featurestore.store.layout import decode_rows
-from featurestore.store.redis import mget, scan_keys
+from featurestore.store.redis import Client, mget, scan_keys
 from featurestore.types import Ids
 
 __all__ = ["read_vectors", "scan_vectors"]
@@ -31,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 async def scan_vectors(
-    client: aioredis.Redis,
+    client: Client,
     project: str,
     view: ViewDef,
     *,
@@ -76,7 +75,7 @@ async def scan_vectors(
 
 
 async def read_vectors(
-    client: aioredis.Redis,
+    client: Client,
     project: str,
     view: ViewDef,
     entity_ids: Ids,

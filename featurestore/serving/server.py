@@ -45,7 +45,6 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from redis.asyncio import Redis
 
 from featurestore import metrics
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
@@ -68,7 +67,7 @@ from featurestore.serving.servicers import AdminServicer, FeatureStoreServicer
 from featurestore.serving.tls import CertificateFiles, server_credentials
 from featurestore.store.events import EventSubscriber
 from featurestore.store.pipe import RedisPipe
-from featurestore.store.redis import connect, ping
+from featurestore.store.redis import Client, connect, ping
 from featurestore.tasks import cancel_all
 
 __all__ = ["SERVICE_NAME", "FeatureServer", "run"]
@@ -218,7 +217,7 @@ class FeatureServer:
         await self.health.set("", status)
         await self.health.set(SERVICE_NAME, status)
 
-    async def _become_ready(self, redis: Redis) -> None:
+    async def _become_ready(self, redis: Client) -> None:
         delay = 0.05
         while True:
             try:

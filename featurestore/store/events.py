@@ -72,7 +72,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from featurestore.store.keys import events_channel, versions_key
-from featurestore.store.redis import connect
+from featurestore.store.redis import Client, ClusterClient, connect
+from featurestore.store.slots import is_cluster_url, parse_cluster_url
 from featurestore.types import Ids
 
 __all__ = [
@@ -131,7 +132,7 @@ class WrittenEvent:
 
 
 async def publish_written(
-    client: aioredis.Redis,
+    client: Client,
     project: str,
     views: Sequence[str],
     *,
@@ -166,10 +167,15 @@ async def publish_written(
         return 0
 
 
-async def publish_warm(client: aioredis.Redis, project: str, limit: int) -> int:
+async def publish_warm(client: Client, project: str, limit: int) -> int:
     """Ask every server to re-warm its hot cache with the fleet's `limit` hottest keys;
-    returns the subscribers reached. Redis errors propagate (the caller asked for this)."""
+    returns the subscribers reached (on a cluster: those of the node that published; the
+    message reaches every node's). Redis errors propagate (the caller asked for this)."""
     message = json.dumps({"event": "warm", "limit": int(limit)})
+    if isinstance(client, ClusterClient):  # a channel is no key: any node publishes to all
+        await client.initialize()
+        node = client.get_random_node()
+        return int(await client.execute_command("PUBLISH", events_channel(project), message, target_nodes=node))
     return int(await client.publish(events_channel(project), message))
 
 
@@ -290,7 +296,9 @@ class EventSubscriber:
     def __init__(self, redis_url: str, project: str) -> None:
         self.project = project
         self.channel = events_channel(project)
-        self._redis = connect(redis_url, timeout_s=None)
+        self._url = redis_url
+        self._redis: aioredis.Redis | None = None
+        self._attempts = 0  # subscriptions tried (a cluster's seeds are tried in turn)
         self._listeners: list[EventListener] = []
         self._subscribed = asyncio.Event()  # set by the first subscription, never cleared
         self._task: asyncio.Task[None] | None = None
@@ -326,7 +334,25 @@ class EventSubscriber:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._redis.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def _client(self) -> aioredis.Redis:
+        """The client of the next subscription: one for the life of the subscriber, or on a
+        Redis Cluster, the next of the URL's nodes in turn (PUBLISH on a cluster reaches
+        every node, replicas too, so any live node will do)."""
+        if not is_cluster_url(self._url):
+            if self._redis is None:
+                self._redis = _plain(connect(self._url, timeout_s=None))
+            return self._redis
+        if self._redis is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._redis.aclose()
+        address = parse_cluster_url(self._url)
+        host, port = address.seeds[self._attempts % len(address.seeds)]
+        self._attempts += 1
+        self._redis = _plain(connect(address.node_url(host, port), timeout_s=None))
+        return self._redis
 
     async def __aenter__(self) -> EventSubscriber:
         self.start()
@@ -338,7 +364,7 @@ class EventSubscriber:
     async def _run(self) -> None:
         delay, first = _RETRY_S[0], True
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = (await self._client()).pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self.channel)
                 if not first:  # events sent while disconnected are lost
@@ -370,3 +396,8 @@ class EventSubscriber:
                 listener.on_gap(gap)
             except Exception:
                 log.exception("%s failed to catch up after %s", type(listener).__name__, gap.value)
+
+
+def _plain(client: Client) -> aioredis.Redis:
+    assert isinstance(client, aioredis.Redis), "a node URL makes a plain client"
+    return client

@@ -10,13 +10,27 @@ where <entity> is the entity's join-key values in the view's join-key order, joi
 Cluster hash tag: every view of one entity hashes to the same slot, so one entity's rows
 are read from one node.
 
-Bookkeeping lives under `<project>:__meta__:...` (watermarks, the run lock, layouts);
-`<project>:__meta__:events` is the pub/sub channel of materialization events;
-`<project>:__meta__:hot` is the fleet's hot row keys (a sorted set, see hotcache.py);
-`<project>:__meta__:versions` is each view's write version (a hash, see store/events.py).
+Bookkeeping lives under `<project>:{__meta__}:...`: the hash tag puts every bookkeeping
+key of every project in one slot of a Redis Cluster (the meta slot, on one node), so a
+script or an MGET may take several of them (the watermarks of a run, its lock and a
+watermark):
+
+    <project>:{__meta__}:watermark:<view>[:shard-<i>-of-<n>]   a view's watermark (of one shard)
+    <project>:{__meta__}:lock:materialize[:shard-<i>-of-<n>]   the run lock (of one shard)
+    <project>:{__meta__}:hot        the fleet's hot row keys (a sorted set, see cache/hotset.py)
+    <project>:{__meta__}:versions   each view's write version (a hash, see store/events.py)
+
+`<project>:__meta__:events` is the pub/sub channel of materialization events: a channel
+is no key (it has no slot; a cluster delivers a message to every node), so its name
+stays as it was. Before the hash tag, bookkeeping keys were `<project>:__meta__:...`;
+`legacy_watermark_key` names the old watermark, which the materializer still reads
+when a view has no new one (so an upgrade does not restart incremental runs from the
+TTL horizon; materialize/watermark.py).
 
     >>> row_key("recsys", "user_profile", entity_token([42]))
     b'recsys:user_profile:{42}'
+    >>> watermark_key("recsys", "user_profile")
+    b'recsys:{__meta__}:watermark:user_profile'
 """
 
 from __future__ import annotations
@@ -25,10 +39,12 @@ from collections.abc import Iterable, Sequence
 from typing import cast
 
 __all__ = [
+    "META_TAG",
     "entity_token",
     "entity_tokens",
     "events_channel",
     "hot_key",
+    "legacy_watermark_key",
     "lock_key",
     "meta_key",
     "row_key",
@@ -79,12 +95,22 @@ def view_key_pattern(project: str, view: str) -> bytes:
     return escaped + b"{*}"
 
 
+META_TAG = "{__meta__}"  # the hash tag of every bookkeeping key: one slot on a cluster
+
+
 def meta_key(project: str, *parts: str) -> bytes:
-    return ":".join((project, "__meta__", *parts)).encode()
+    """A bookkeeping key: `<project>:{__meta__}:<parts joined by :>`."""
+    return ":".join((project, META_TAG, *parts)).encode()
 
 
-def watermark_key(project: str, view: str) -> bytes:
-    return meta_key(project, "watermark", view)
+def watermark_key(project: str, view: str, shard: str = "") -> bytes:
+    """The watermark of `view` (of one shard, e.g. "shard-0-of-3", when given)."""
+    return meta_key(project, "watermark", view, *((shard,) if shard else ()))
+
+
+def legacy_watermark_key(project: str, view: str) -> bytes:
+    """The watermark's name before bookkeeping keys had a hash tag (read, never written)."""
+    return ":".join((project, "__meta__", "watermark", view)).encode()
 
 
 def lock_key(project: str, name: str = "materialize") -> bytes:
@@ -92,8 +118,9 @@ def lock_key(project: str, name: str = "materialize") -> bytes:
 
 
 def events_channel(project: str) -> bytes:
-    """The pub/sub channel on which materialization announces the views it wrote."""
-    return meta_key(project, "events")
+    """The pub/sub channel on which materialization announces the views it wrote (a
+    channel, not a key: no hash tag, its name unchanged)."""
+    return ":".join((project, "__meta__", "events")).encode()
 
 
 def versions_key(project: str) -> bytes:

@@ -130,7 +130,12 @@ class RedisPipe:
 
     @classmethod
     def from_url(cls, url: str, *, timeout_s: float = 1.0) -> RedisPipe:
-        """From redis://[:password@]host[:port][/db], rediss://... or unix:///path[?db=N]."""
+        """From redis://[:password@]host[:port][/db], rediss://... or unix:///path[?db=N];
+        for redis+cluster://host:port,... a `store.cluster.ClusterPipe` (a RedisPipe)."""
+        if url.partition("://")[0].lower() in ("redis+cluster", "rediss+cluster"):
+            from featurestore.store.cluster import ClusterPipe  # it builds on this module
+
+            return ClusterPipe.from_url(url, timeout_s=timeout_s)
         parts = urlsplit(url)
         if parts.scheme == "unix":
             db = int(parse_qs(parts.query).get("db", ["0"])[0])

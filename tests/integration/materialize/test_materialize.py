@@ -318,7 +318,7 @@ async def test_run_announces_the_entity_ids_it_wrote(
 def _dump(url: str) -> dict[bytes, bytes]:
     """Every row key and value of a database (bookkeeping keys left out)."""
     client = redis.Redis.from_url(url)
-    keys = [k for k in client.scan_iter(count=10_000) if b":__meta__:" not in k]
+    keys = [k for k in client.scan_iter(count=10_000) if b":{__meta__}:" not in k]  # bookkeeping: issue 12
     dump = dict(zip(keys, client.mget(keys), strict=True)) if keys else {}
     client.close()
     return dump
@@ -362,11 +362,11 @@ async def test_killed_run_then_rerun_leaves_redis_as_an_uninterrupted_run(
     partial = _dump(killed_url)
     assert 0 < len(partial) < len(expected)
     # Views the victim finished have moved their watermark; the one it was in has not.
-    assert len(client.keys(b"recsys:__meta__:watermark:*")) < 4
+    assert len(client.keys(b"recsys:{__meta__}:watermark:*")) < 4
     await asyncio.sleep(1.2)  # the dead run's lock expires
     await run(_settings(feature_repo, killed_url, pg_dsn, mode="incremental"))
     assert _dump(killed_url) == expected
-    assert len(client.keys(b"recsys:__meta__:watermark:*")) == 4
+    assert len(client.keys(b"recsys:{__meta__}:watermark:*")) == 4
     client.close()
 
 

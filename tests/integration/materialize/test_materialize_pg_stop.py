@@ -61,7 +61,7 @@ def two_dbs(redis_url: str) -> Iterator[tuple[str, str]]:
 def dump(url: str) -> dict[bytes, bytes]:
     """Every row key and value of a database (bookkeeping keys left out)."""
     client = redis.Redis.from_url(url)
-    keys = [k for k in client.scan_iter(count=10_000) if b":__meta__:" not in k]
+    keys = [k for k in client.scan_iter(count=10_000) if b"__meta__" not in k]
     values: list[bytes] = client.mget(keys) if keys else []  # type: ignore[assignment]
     rows = dict(zip(keys, values, strict=True))
     client.close()

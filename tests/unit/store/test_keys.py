@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from featurestore.store.keys import entity_token, entity_tokens, row_key, row_keys, watermark_key
+from featurestore.store.keys import (
+    entity_token,
+    entity_tokens,
+    events_channel,
+    hot_key,
+    legacy_watermark_key,
+    lock_key,
+    row_key,
+    row_keys,
+    versions_key,
+    watermark_key,
+)
+from featurestore.store.slots import key_slot
 
 
 def _hash_tag(key: bytes) -> bytes:
@@ -52,4 +64,16 @@ def test_bool_is_not_a_join_key() -> None:
 
 
 def test_meta_keys_live_apart_from_rows() -> None:
-    assert watermark_key("p", "v") == b"p:__meta__:watermark:v"
+    # Issue 12 gave bookkeeping keys the hash tag {__meta__} (one slot on a Redis Cluster);
+    # they were b"p:__meta__:watermark:v" before (legacy_watermark_key), the channel kept its name.
+    assert watermark_key("p", "v") == b"p:{__meta__}:watermark:v"
+    assert watermark_key("p", "v", "shard-0-of-3") == b"p:{__meta__}:watermark:v:shard-0-of-3"
+    assert legacy_watermark_key("p", "v") == b"p:__meta__:watermark:v"
+    assert events_channel("p") == b"p:__meta__:events"
+
+
+def test_every_bookkeeping_key_shares_one_slot() -> None:
+    meta = [watermark_key("p", "v"), watermark_key("q", "w", "shard-1-of-2"), lock_key("p"), hot_key("p")]
+    meta.append(versions_key("p"))
+    assert len({key_slot(k) for k in meta}) == 1
+    assert key_slot(row_key("p", "v", b"__meta__")) == key_slot(meta[0])  # the tag is what hashes
