@@ -56,6 +56,10 @@ flag without a value) is on when given; its variable takes true/false, 1/0, yes/
     calls are still served, so load balancers and Kubernetes stop sending first; then
     accepted calls get --grace-s to finish. Set it above your health-check interval; a
     second SIGTERM or SIGINT skips what is left of it.
+--max-connection-age-s SECONDS  FEATURESTORE_MAX_CONNECTION_AGE_S  default 300 s
+    Seconds after which the server asks a client to open a new connection (GOAWAY, calls
+    in flight finish within --grace-s), so long-lived clients re-resolve and reach
+    replicas added since (0: never).
 --metrics-port N  FEATURESTORE_METRICS_PORT  default 0
     The port of the Prometheus /metrics HTTP server, 0 to 65535 (0: no metrics server).
 --registry-refresh-s SECONDS  FEATURESTORE_REGISTRY_REFRESH_S  default 30 s
@@ -403,6 +407,14 @@ class ServerSettings:
             " still served, so load balancers and Kubernetes stop sending first; then accepted calls get"
             " --grace-s to finish. Set it above your health-check interval; a second SIGTERM or SIGINT skips"
             " what is left of it."
+        ),
+    )
+    max_connection_age_s: float = field(
+        default=300.0,
+        metadata=_meta(
+            "Seconds after which the server asks a client to open a new connection (GOAWAY, calls in flight"
+            " finish within --grace-s), so long-lived clients re-resolve and reach replicas added since"
+            " (0: never)."
         ),
     )
     metrics_port: int = field(

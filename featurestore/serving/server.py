@@ -202,6 +202,12 @@ class FeatureServer:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ]
+        age_s = self.settings.server.max_connection_age_s
+        if age_s > 0:  # clients reconnect (and re-resolve) now and then: scale-ups get their share
+            options += [
+                ("grpc.max_connection_age_ms", int(age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(self.settings.server.grace_s * 1000)),
+            ]
         server = aio.server(interceptors=interceptors, options=options)
         servicer = FeatureStoreServicer(self.lookup, self.settings.server.redis_timeout_s, self.indexes, self.scorer)
         pb_grpc.add_FeatureStoreServicer_to_server(servicer, server)

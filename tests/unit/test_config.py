@@ -39,6 +39,7 @@ FLAGS = {
     "--metrics-port",
     "--grace-s",
     "--drain-delay-s",
+    "--max-connection-age-s",
     "--max-in-flight",
     "--index-refresh-s",
     "--index-exact-max",

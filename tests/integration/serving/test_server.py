@@ -346,3 +346,39 @@ async def test_a_failed_start_closes_everything_it_started(
             break
         await asyncio.sleep(0.02)
     assert await _connections(redis_client) <= connections_before
+
+
+async def test_connections_are_recycled_without_failing_a_call(repo: Path, redis_url: str) -> None:
+    """--max-connection-age-s: the server sends GOAWAY after the age; calls in flight finish
+    and the client reconnects by itself, so no call fails across several ages."""
+    settings = Settings(
+        repo=repo,
+        redis_url=redis_url,
+        server=ServerSettings(host="127.0.0.1", port=0, registry_refresh_s=0, max_connection_age_s=0.3, grace_s=1.0),
+    )
+    server = FeatureServer(settings)
+    await server.start()
+    try:
+        async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+            await client.wait_until_serving(10)
+            channel = client._channel
+            states: list[grpc.ChannelConnectivity] = []
+
+            async def watch() -> None:
+                state = channel.get_state()
+                while True:
+                    await channel.wait_for_state_change(state)
+                    state = channel.get_state()
+                    states.append(state)
+
+            watcher = asyncio.create_task(watch())
+            started, calls = time.monotonic(), 0
+            while time.monotonic() - started < 1.5:  # five connection ages
+                result = await client.get_online_features({"user_id": [1]}, ["user_profile:age"])
+                assert result.rows == 1
+                calls += 1
+            watcher.cancel()
+            assert calls > 10
+            assert grpc.ChannelConnectivity.IDLE in states  # a GOAWAY closed a connection: it was recycled
+    finally:
+        await server.stop(0)
