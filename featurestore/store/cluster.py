@@ -36,9 +36,9 @@ and a retry succeeds once the cluster has promoted a replica (cluster-node-timeo
 an election: about 2 s with a 1 s node timeout, see benchmarks/README.md). Rows the hot
 cache holds are still served from it.
 
-A circuit breaker (store/breaker.py, being written beside this) belongs per node here:
-around `_Node.send` in `_round`, so that a dead master fails its own slot groups at once
-while the others are served as usual.
+Each node has its own circuit breaker (store/breaker.py): while a master is known to be
+down its slot groups fail at once (and, like any failed group, are retried once after a
+slot-map refresh, which finds the promoted replica), while the others are served as usual.
 
 Commands other than MGET go to the master of their first key's slot (keyless ones to
 any master); `run_per_slot` sends prepared commands slot by slot (the guarded write
@@ -62,6 +62,7 @@ from typing import Any, cast
 import hiredis
 
 from featurestore.errors import Unavailable
+from featurestore.store.breaker import Breaker
 from featurestore.store.pipe import RedisPipe
 from featurestore.store.slots import SLOTS, ClusterAddress, group_by_slot, key_slot, parse_cluster_url
 
@@ -125,11 +126,12 @@ class _Protocol(asyncio.Protocol):
 class _Node:
     """One cluster node and our pipelined connection to it (opened on first use)."""
 
-    __slots__ = ("_connecting", "address", "host", "port", "protocol")
+    __slots__ = ("_connecting", "address", "breaker", "host", "port", "protocol")
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
         self.address = f"{host}:{port}"
+        self.breaker = Breaker(f"Redis Cluster node {self.address}")
         self.protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
 
@@ -311,10 +313,15 @@ class ClusterPipe(RedisPipe):
         owners = self._owners or [None] * SLOTS
         failed: list[_Failure] = []
         by_node: dict[tuple[_Node, bool], list[int]] = {}  # (node, after ASKING) -> commands
+        verdicts: dict[_Node, str | None] = {}  # each node's breaker asked once per round
         for i in todo:
             node = asked.get(i) or owners[slots[i]]
             if node is None:
                 failed.append(_Failure(i, f"no Redis Cluster master serves slot {slots[i]}", retry=True))
+            elif (
+                refused := verdicts[node] if node in verdicts else verdicts.setdefault(node, _refused(node))
+            ):  # known down: fail at once, retry after a refresh
+                failed.append(_Failure(i, refused, retry=True))
             elif (at := by_node.get(where := (node, i in asked))) is None:
                 by_node[where] = [i]
             else:
@@ -335,9 +342,11 @@ class ClusterPipe(RedisPipe):
                 try:
                     got = await batch.future
                 except Unavailable as exc:
+                    node.breaker.failure(exc)
                     retry = not batch.timed_out
                     failed += [_Failure(i, f"Redis Cluster node {node.address}: {exc}", retry) for i in at]
                     continue
+                node.breaker.success()
                 for i, reply in zip(at, got[1::2] if asking else got, strict=True):
                     if isinstance(reply, hiredis.ReplyError) and (failure := self._redirected(i, reply)):
                         failed.append(failure)
@@ -361,6 +370,7 @@ class ClusterPipe(RedisPipe):
             if isinstance(result, BaseException):
                 if not isinstance(result, Unavailable):
                     raise result
+                node.breaker.failure(result)
                 for where in [w for w in by_node if w[0] is node]:
                     failed += [_Failure(i, str(result), retry=True) for i in by_node.pop(where)]
 
@@ -459,3 +469,12 @@ def _retrieve(future: asyncio.Future[None]) -> None:
     """Mark a shared refresh's error as seen (its waiters may all have been cancelled)."""
     if not future.cancelled():
         future.exception()
+
+
+def _refused(node: _Node) -> str | None:
+    """Why `node`'s breaker refuses a call now (None: it may go through, maybe as the probe)."""
+    try:
+        node.breaker.check()
+    except Unavailable as exc:
+        return str(exc)
+    return None

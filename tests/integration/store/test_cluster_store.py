@@ -263,6 +263,11 @@ async def test_a_stuck_master_times_out_and_a_dead_one_fails_over_to_its_replica
             await pipe.execute(b"MGET", *keys)
         assert time.monotonic() - killed < 1.0  # refused at once, not a timeout
         assert len(await pipe.execute(b"MGET", *elsewhere)) == len(elsewhere)
+        for _ in range(5):  # connection failures in a row open the dead master's breaker
+            with pytest.raises(Unavailable):
+                await pipe.execute(b"MGET", *keys)
+        with pytest.raises(Unavailable, match="failing at once"):  # known down: not even a connect
+            await pipe.execute(b"MGET", *keys)
         while True:
             try:
                 rows = await pipe.execute(b"MGET", *keys)
