@@ -116,7 +116,7 @@ def serve_command(repo: Path, url: str, port: int, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "featurestore",
+        "featurestore.cli",
         "serve",
         "--repo",
         str(repo),

@@ -29,10 +29,10 @@ import numpy as np
 import numpy.typing as npt
 
 from featurestore import metrics
-from featurestore.decode import PRESENT, decode
+from featurestore.decode import PRESENT
 from featurestore.errors import DeadlineExceeded, InvalidArgument, MissingFeature
 from featurestore.inference.batching import MicroBatcher
-from featurestore.inference.matrix import InputPlan, assemble
+from featurestore.inference.matrix import BatchMatrix, InputPlan, finish, gather
 from featurestore.inference.models import (
     check_request_values,
 )
@@ -41,7 +41,7 @@ from featurestore.limits import MAX_CANDIDATES, MAX_ROWS
 from featurestore.lookup import Lookup
 from featurestore.store.pipe import RedisPipe
 from featurestore.tasks import cancel_all
-from featurestore.types import Entities, Floats, Ids, Statuses
+from featurestore.types import Entities, Floats, Ids
 
 __all__ = ["CandidateSource", "Ranked", "RequestColumn", "RequestColumns", "Retrieval", "Scored", "Scorer", "Timings"]
 
@@ -315,6 +315,7 @@ class Scorer:
         try:
             async with asyncio.timeout(timeout_s):
                 if not batching.enabled:
+                    metrics.INFERENCE_UNBATCHED.inc()
                     call.enqueued = call.dequeued = time.perf_counter()
                     await self._score(await self._fetch([call]))
                     return await call.future
@@ -352,30 +353,18 @@ class Scorer:
         self.models.close()
 
     async def _fetch(self, calls: Sequence[_Call]) -> _Batch:
-        """Stage 1: one MGET for every call and view, decode, the batch matrix."""
+        """Stage 1: one MGET for every call and view; the batch matrix straight from the rows."""
         model, plan = calls[0].model, calls[0].plan
-        all_keys: list[bytes] = []
-        for g, group in enumerate(plan.groups):
-            # A group's rows go view after view (what `decode` reads), calls in order.
-            for v in range(len(group.plan.view_names)):
-                for call in calls:
-                    keys, n = call.keys[g]
-                    all_keys += keys[v * n : (v + 1) * n]
         t0 = time.perf_counter()
-        rows = await self._lookup.read_rows(all_keys, pipe=self._pipe)
+        rows = await self._lookup.read_rows(_batch_keys(plan, calls), pipe=self._pipe)
         t1 = time.perf_counter()
-        now_us = time.time_ns() // 1000
-        decoded, at = [], 0
-        for g, group in enumerate(plan.groups):
-            n = sum(call.keys[g][1] for call in calls)
-            size = n * len(group.plan.view_names)
-            decoded.append(group.decode(decode(group.plan, rows[at : at + size], n, now_us)))
-            at += size
+        gathered = gather(plan, calls, rows, time.time_ns() // 1000)
         t2 = time.perf_counter()
-        batch = _assemble(model, plan, calls, decoded)
+        batch = _finish(model, plan, calls, gathered)
         t3 = time.perf_counter()
         metrics.INFERENCE_REDIS.observe(t1 - t0)
         metrics.INFERENCE_DECODE.observe(t2 - t1)
+        metrics.INFERENCE_FETCH.observe(t2 - t0)
         metrics.INFERENCE_MATRIX.observe(t3 - t2)
         for call in calls:
             tm = call.timings
@@ -447,9 +436,24 @@ def _request_columns(plan: InputPlan, values: RequestColumns, n: int) -> dict[in
     return out
 
 
-def _assemble(model: Model, plan: InputPlan, calls: Sequence[_Call], decoded: list[tuple[Floats, Statuses]]) -> _Batch:
-    """The batch matrix and statuses; calls whose required inputs are missing fail here."""
-    batch = assemble(plan, calls, decoded)
+def _batch_keys(plan: InputPlan, calls: Sequence[_Call]) -> list[bytes]:
+    """The keys of a batch in the order `gather` reads them: per group, view after view,
+    in each the calls' rows in order (a lone call's keys already are)."""
+    if len(calls) == 1:
+        mine = calls[0].keys
+        return mine[0][0] if len(mine) == 1 else [key for group_keys, _ in mine for key in group_keys]
+    out: list[bytes] = []
+    for g, group in enumerate(plan.groups):
+        for v in range(len(group.plan.view_names)):
+            for call in calls:
+                keys, n = call.keys[g]
+                out += keys[v * n : (v + 1) * n]
+    return out
+
+
+def _finish(model: Model, plan: InputPlan, calls: Sequence[_Call], gathered: BatchMatrix) -> _Batch:
+    """Request values and fill values; calls whose required inputs are missing fail here."""
+    batch = finish(plan, calls, gathered)
     if plan.required.any():
         _fail_required(model, plan, calls, batch.starts, batch.missing)
     return _Batch(model, calls, batch.matrix, batch.statuses, batch.starts[:-1])

@@ -284,7 +284,9 @@ async def test_a_required_input_fails_only_its_own_call_in_a_batch(scorer: Score
     for k in (0, 2, 3):
         scored = outcome[k]
         assert not isinstance(scored, BaseException), scored
-        assert scored.timings.batch_requests == 4  # one batch with the failing call
+        # The first call found the batcher idle and ran alone; the rest overlapped it and
+        # formed one batch with the failing call.
+        assert scored.timings.batch_requests == (1 if k == 0 else 3)
         users, items = calls[k]
         np.testing.assert_array_equal(scored.scores, direct_scores(expected_matrix(spec, users, items, {})))
 
