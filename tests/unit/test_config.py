@@ -47,6 +47,8 @@ FLAGS = {
     "--hot-publish-s",
     "--warm-budget-s",
     "--models",
+    "--model-threads",
+    "--model-poll-s",
 }
 
 

@@ -101,8 +101,9 @@ models:
   strict:
     <<: *ranker
     fill: {<<: *fill, item_stats:price: required}
-    # a batch closes when four calls are queued (the test sends four at once), else after 2 s
-    batching: {max_requests: 4, max_wait_us: 2000000}
+    # the test sends four calls at once: the first runs alone (the batcher is idle), and the
+    # batch of the other three closes when they are queued, else after 2 s
+    batching: {max_requests: 3, max_wait_us: 2000000}
 """
 WEIGHTS = [1.0, -0.5, 0.25, 2.0, 3.0, 0.125, 0.75, -1.5]  # one per input: a misplaced value shows
 
