@@ -34,6 +34,7 @@ vocabulary becomes -1.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -52,6 +53,7 @@ Rows = Sequence[bytes | None]
 Index = npt.NDArray[np.intp]
 _NO_TTL_US = 1 << 62  # a view without TTL: no row is ever that old
 _FEW_STRINGS = 8  # up to this many string values in a view, a Python loop beats numpy's fixed costs
+_FEW_ROWS = 4  # up to this many rows of a view, struct.unpack_from beats a numpy cast
 
 
 class InputGroup:
@@ -81,7 +83,19 @@ class _View:
     `columns` are the inputs' places among their group's inputs (a slice if contiguous).
     """
 
-    __slots__ = ("bitmap_size", "bits", "cast", "columns", "group", "pick", "prefix", "strings", "walk")
+    __slots__ = (
+        "bitmap_size",
+        "bits",
+        "cast",
+        "columns",
+        "group",
+        "pick",
+        "prefix",
+        "row",
+        "row_places",
+        "strings",
+        "walk",
+    )
 
     def __init__(self, group: int, layout: Layout, members: Sequence[tuple[int, InputColumn]]) -> None:
         """`members`: (place among the group's inputs, input) of the inputs this view holds."""
@@ -103,6 +117,10 @@ class _View:
                 formats.append(element)
                 offsets.append(offset)
         self.pick = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": self.prefix})
+        self.row, self.row_places = _row_struct(
+            [(offset, k, element) for k, (offset, element) in enumerate(zip(offsets, formats, strict=True))],
+            {k for k, _, _ in self.strings},
+        )
         self.cast = np.dtype({"names": names, "formats": [np.float32] * len(names)})
         self.bits = np.array([layout.names.index(c.feature) for _, c in members], dtype=np.intp)
         self.walk = max([var + 1 for _, var, _ in self.strings], default=0)
@@ -114,8 +132,13 @@ class _View:
 
     def read(self, blob: bytes, starts: Index, ends: Index, found: npt.NDArray[np.bool_], out: Floats) -> None:
         """The view's inputs of the rows at `starts` into `out`'s `columns`."""
-        prefixes = _items(blob, self.prefix)[starts]
-        values = prefixes.view(self.pick).astype(self.cast).view(np.float32).reshape(len(starts), -1)
+        if len(starts) <= _FEW_ROWS and self.row is not None:  # a broadcast user: struct beats numpy
+            values = np.empty((len(starts), len(self.bits)), dtype=np.float32)
+            for i, start in enumerate(starts.tolist()):
+                values[i, self.row_places] = self.row.unpack_from(blob, start)
+        else:
+            prefixes = _items(blob, self.prefix)[starts]
+            values = prefixes.view(self.pick).astype(self.cast).view(np.float32).reshape(len(starts), -1)
         if self.strings:
             self._strings(blob, starts, ends, found, values)
         out[:, self.columns] = values
@@ -130,15 +153,32 @@ class _View:
             return
         items4 = _items(blob, 4)
         pos, data, lengths = starts + self.prefix, [], []
-        for _ in range(self.walk):
+        for step in range(self.walk):
             # A row that is not PRESENT reads nothing; a length past the row's end is cut.
             length = np.where(found, items4[pos].view("<u4").astype(np.intp), 0)
             np.clip(length, 0, np.maximum(ends - pos - 4, 0), out=length)
             data.append(pos + 4)
             lengths.append(length)
-            pos = pos + 4 + length
+            if step + 1 < self.walk:
+                pos = pos + 4 + length
         for k, var, vocabulary in self.strings:
             values[:, k] = vocabulary.lookup(blob, data[var], lengths[var])
+
+
+_STRUCT_CODES = {"i4": "i", "i8": "q", "f4": "f", "f8": "d", "b1": "?"}
+
+
+def _row_struct(fields: Sequence[tuple[int, int, np.dtype[Any]]], skip: set[int]) -> tuple[struct.Struct | None, Index]:
+    """A struct reading the numeric fields (offset, place, type) of one row in one call, and
+    the places its values go to; None when two inputs share a field."""
+    numeric = sorted((offset, k, element) for offset, k, element in fields if k not in skip)
+    text, at = "<", 0
+    for offset, _, element in numeric:
+        if offset < at:
+            return None, np.zeros(0, dtype=np.intp)
+        text += "x" * (offset - at) + _STRUCT_CODES[element.kind + str(element.itemsize)]
+        at = offset + element.itemsize
+    return struct.Struct(text), np.array([k for _, k, _ in numeric], dtype=np.intp)
 
 
 def _walk(blob: bytes, pos: int, end: int, count: int) -> list[bytes]:
@@ -152,30 +192,35 @@ def _walk(blob: bytes, pos: int, end: int, count: int) -> list[bytes]:
 
 
 class _Vocabulary:
-    """A string input's vocabulary: a dict for a few values, sorted fixed-width words for
-    `np.searchsorted` over many."""
+    """A string input's vocabulary: a dict for a few values, and for many a sorted table of
+    keys (the word's length as one byte, then the word, zero-padded to the longest) for
+    `np.searchsorted`; the length byte keeps "US" and "US\\x00" apart."""
 
-    __slots__ = ("index", "lengths", "map", "width", "words")
+    __slots__ = ("index", "keys", "map", "masks", "width")
 
     def __init__(self, vocabulary: Mapping[bytes, int]) -> None:
         self.map = dict(vocabulary)
-        ordered = sorted(vocabulary.items())
-        self.width = max([1, *(len(word) for word, _ in ordered)])
-        # A word with trailing NUL bytes compares equal to its stem as an "S" value: the
-        # lengths tell them apart. An empty vocabulary still needs one unmatchable word.
-        self.words = np.array([w for w, _ in ordered] or [b""], dtype=f"S{self.width}")
-        self.lengths = np.array([len(w) for w, _ in ordered] or [-1], dtype=np.intp)
-        self.index = np.array([i for _, i in ordered] or [-1], dtype=np.float32)
+        self.width = width = max([1, *(len(word) for word in vocabulary)])
+        table = sorted((bytes([len(word)]) + word, index) for word, index in vocabulary.items() if len(word) < 255)
+        table.append((b"\xff" * (width + 1), -1))  # past every key: searchsorted stays in the table
+        self.keys = np.array([key for key, _ in table], dtype=f"S{width + 1}")
+        self.index = np.array([index for _, index in table], dtype=np.float32)
+        # masks[n]: keeps the first n bytes of a value read `width` bytes wide
+        self.masks = (np.arange(width)[None, :] < np.arange(width + 1)[:, None]).astype(np.uint8) * 255
 
     def lookup(self, blob: bytes, starts: Index, lengths: Index) -> Floats:
         """The index of each value (`lengths[i]` bytes at `starts[i]` in `blob`), -1 if unknown."""
         width = self.width
-        raw = _items(blob, width)[starts].view(np.uint8).reshape(-1, width)
-        raw[np.arange(width) >= lengths[:, None]] = 0
-        words = raw.view(f"S{width}").reshape(-1)
-        at = np.minimum(np.searchsorted(self.words, words), len(self.words) - 1)
-        known = (self.words[at] == words) & (self.lengths[at] == lengths)
-        return np.where(known, self.index[at], np.float32(-1))
+        keys = np.empty((len(starts), width + 1), dtype=np.uint8)
+        keys[:, 0] = np.minimum(lengths, width + 1)  # longer than every word: matches none
+        np.bitwise_and(
+            _items(blob, width)[starts].view(np.uint8).reshape(-1, width),
+            self.masks[np.minimum(lengths, width)],
+            out=keys[:, 1:],
+        )
+        found = keys.view(f"S{width + 1}").reshape(-1)
+        at = np.searchsorted(self.keys, found)
+        return np.where(self.keys[at] == found, self.index[at], np.float32(-1))
 
 
 class InputPlan:
@@ -236,7 +281,7 @@ class InputPlan:
             for bit in view.bits.tolist():
                 masks[v, bit // 8] |= 1 << (bit % 8)
         self.bitmap_masks = masks  # per view: the null bits of the model's inputs
-        widest = max([0, *(vocab.width for v in self.views for _, _, vocab in v.strings)])
+        widest = max([0, *(vocab.width for v in self.views for _, _, vocab in v.strings)]) + 1
         walk = max([0, *(v.walk for v in self.views)])
         # Reads of rows that are absent or short, and a walk past a row's end, stay in here.
         longest = max([HEADER_SIZE + self.bitmap_width, *(int(c[1]) for c in checks)])
@@ -318,11 +363,12 @@ class _Gather:
         self.sizes = [sum(part.counts[g] for part in parts) for g in range(len(plan.groups))]  # rows per group
         self.views = [self.sizes[view.group] for view in plan.views]  # rows per view
         count = len(rows)
-        lengths = np.fromiter(map(_len, rows), dtype=np.intp, count=count)
+        present: Sequence[bytes] = [b"" if r is None else r for r in rows] if None in rows else rows  # type: ignore[assignment]
+        lengths = np.fromiter(map(len, present), dtype=np.intp, count=count)
         self.starts = np.zeros(count, dtype=np.intp)
         np.cumsum(lengths[:-1], out=self.starts[1:])
         self.ends = self.starts + lengths
-        self.blob = b"".join([*(b"" if r is None else r for r in rows), plan.pad])
+        self.blob = b"".join([*present, plan.pad])
         width = HEADER_SIZE + plan.bitmap_width
         header = _items(self.blob, width)[self.starts].view(np.uint8).reshape(count, width)
         schema_id, min_len, ttl_us = np.repeat(plan.checks, self.views, axis=0).T
@@ -351,9 +397,10 @@ class _Gather:
             at += n
         for group, (values, group_statuses, batch_rows) in zip(plan.groups, buffers, strict=True):
             if batch_rows is not None:  # from the group's buffers into the batch, in one gather
-                matrix[:, group.positions] = values[batch_rows]
+                columns = group.positions if group.block is None else group.block
+                matrix[:, columns] = values[batch_rows]
                 if self.header is not None:
-                    statuses[:, group.positions] = group_statuses[batch_rows]
+                    statuses[:, columns] = group_statuses[batch_rows]
 
     def _buffers(
         self, g: int, group: InputGroup, matrix: Floats, statuses: Statuses
@@ -364,10 +411,12 @@ class _Gather:
         each batch row reads its own row; else into buffers of the group's rows, gathered
         into the batch once all its views are read (a broadcast row lands on many rows).
         """
-        batch_rows = _batch_rows(self.parts, g)
+        n, width = self.sizes[g], len(group.members)
+        batch_rows: Index | slice | None = _batch_rows(self.parts, g)
         if batch_rows is None and group.block is not None:
             return matrix[:, group.block], statuses[:, group.block], None
-        n, width = self.sizes[g], len(group.members)
+        if n == 1:  # one row for the whole batch (one call, one user): numpy broadcasts it
+            batch_rows = slice(0, 1)
         values = np.empty((n, width), dtype=np.float32)
         group_statuses = np.empty((n, width), dtype=np.uint8) if self.header is not None else statuses[:0, :0]
         return values, group_statuses, slice(None) if batch_rows is None else batch_rows
@@ -395,10 +444,6 @@ def _batch_rows(parts: Sequence[BatchPart], g: int) -> Index | None:
         )
         at += count
     return np.concatenate(pieces)
-
-
-def _len(row: bytes | None) -> int:
-    return 0 if row is None else len(row)
 
 
 def finish(plan: InputPlan, parts: Sequence[BatchPart], batch: BatchMatrix) -> BatchMatrix:
