@@ -63,6 +63,8 @@ class MicroBatcher(Generic[T, P]):
     Parameters:
         fetch: turns a batch into a prepared batch (may fail some items itself).
         score: finishes a prepared batch, resolving its items' futures.
+        score_direct: `score` for a call on the direct path (default: `score`), e.g. one
+            that runs a small model on the event loop instead of a worker thread.
         max_rows, max_requests: a batch closes at either (one larger item is a batch alone).
         max_wait_us: how long a batch may wait for more items, microseconds (0: none).
     """
@@ -72,6 +74,7 @@ class MicroBatcher(Generic[T, P]):
         fetch: Callable[[Sequence[T]], Awaitable[P]],
         score: Callable[[P], Awaitable[None]],
         *,
+        score_direct: Callable[[P], Awaitable[None]] | None = None,
         max_rows: int = 4096,
         max_requests: int = 64,
         max_wait_us: int = 0,
@@ -79,6 +82,7 @@ class MicroBatcher(Generic[T, P]):
         if max_rows < 1 or max_requests < 1 or max_wait_us < 0:
             raise ValueError("max_rows and max_requests must be >= 1, max_wait_us >= 0")
         self._fetch, self._score = fetch, score
+        self._score_direct = score_direct or score
         self.max_rows, self.max_requests = max_rows, max_requests
         self.max_wait_s = max_wait_us / 1e6
         self._queue: collections.deque[T] = collections.deque()
@@ -134,7 +138,7 @@ class MicroBatcher(Generic[T, P]):
                 raise Unavailable("the server is stopping")
             self._direct_scored.clear()
             try:
-                await self._score(prepared)
+                await self._score_direct(prepared)
             finally:
                 self._direct_scored.set()
         except Exception as exc:
