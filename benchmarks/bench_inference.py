@@ -15,7 +15,7 @@ harness replaces), and measures from this process:
     models            Predict 1x100 and Rank 500 -> 20 (explicit candidates) per model,
                       with the model stage; Rank 500 -> 20 by retrieval (item_embedding)
     throughput        Predict 1x100 with 8, 32, 64 calls in flight, batching on and off,
-                      in windows ordered on-off-off-on (drift cancels), with p99
+                      in alternating 1-second windows (on-off-off-on-on-...), with p99
     hot swap          Predict on `swap` with 16 in flight: a steady window, then a window
                       in which its file is replaced (by a rename) every 2 s: errors, p99
     quality           AUC and log-loss of each model on fresh demo data (embedded
@@ -164,17 +164,18 @@ async def alternating(names: tuple[str, str], calls: tuple[Any, Any], iterations
 
 
 async def loaded(calls: dict[str, Any], in_flight: int, duration_s: float) -> list[dict[str, Any]]:
-    """Each call with `in_flight` outstanding, in windows ordered A B B A (each half the duration)."""
+    """Each call with `in_flight` outstanding, in 1-second windows alternating A B B A A B ...
+    (`duration_s` each in all): the load of other processes on the machine hits both alike."""
     names = list(calls)
     recs = {name: Recorder() for name in names}
     elapsed = dict.fromkeys(names, 0.0)
-    for name in (*names, *names[::-1]):
-        rec, call = recs[name], calls[name]
-        warm = Recorder()
-        await window(warm, call, min(in_flight, 8), 0.3)
-        started = time.perf_counter()
-        await window(rec, call, in_flight, duration_s / 2)
-        elapsed[name] += time.perf_counter() - started
+    for name in names:
+        await window(Recorder(), calls[name], in_flight, 0.5)  # warm
+    for round_ in range(max(1, round(duration_s))):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            started = time.perf_counter()
+            await window(recs[name], calls[name], in_flight, 1.0)
+            elapsed[name] += time.perf_counter() - started
     out = []
     for name in names:
         row = recs[name].summary(name)
@@ -357,7 +358,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--users", type=int, default=20_000)
     parser.add_argument("--iterations", type=int, default=1000)
-    parser.add_argument("--duration-s", type=float, default=4.0)
+    parser.add_argument("--duration-s", type=float, default=6.0, help="seconds per mode and load")
     parser.add_argument("--quality-samples", type=int, default=20_000)
     parser.add_argument("--skip-quality", action="store_true")
     args = parser.parse_args()
