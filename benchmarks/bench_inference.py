@@ -12,8 +12,9 @@ harness replaces), and measures from this process:
     lookup 100        GetOnlineFeatures, 100 entities x 50 features (the floor to beat)
     predict 1x100     one user x 100 items, sequential; the default batching and batching
                       off in alternating blocks of 50 calls (their ratio is the target)
-    models            Predict 1x100 and Rank 500 -> 20 (explicit candidates) per model,
-                      with the model stage; Rank 500 -> 20 by retrieval (item_embedding)
+    models            Predict 1x100 and Rank 500 -> 20 (explicit candidates) per model, the
+                      three models in rotating blocks of 50 calls, with the model stage;
+                      Rank 500 -> 20 by retrieval (item_embedding)
     throughput        Predict 1x100 with 8, 32, 64 calls in flight, batching on and off,
                       in alternating 1-second windows (on-off-off-on-on-...), with p99
     hot swap          Predict on `swap` with 16 in flight: a steady window, then a window
@@ -35,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,17 +152,19 @@ async def sequential(name: str, call: Any, iterations: int, warmup: int = 200) -
     return rec.summary(name)
 
 
-async def alternating(names: tuple[str, str], calls: tuple[Any, Any], iterations: int) -> list[dict[str, Any]]:
-    """Two calls, sequential, in alternating blocks of 50: drift on the machine hits both alike."""
+async def alternating(names: Sequence[str], calls: Sequence[Any], iterations: int) -> list[dict[str, Any]]:
+    """Calls, sequential, in rotating blocks of 50 (the order reversed every other round):
+    drift on the machine hits them all alike."""
     for _ in range(200):
-        await calls[0]()
-        await calls[1]()
-    recs = (Recorder(), Recorder())
+        for call in calls:
+            await call()
+    recs = [Recorder() for _ in calls]
     for block in range(iterations // 50):
-        for k in (0, 1) if block % 2 == 0 else (1, 0):
+        order = range(len(calls)) if block % 2 == 0 else reversed(range(len(calls)))
+        for k in order:
             for _ in range(50):
                 await timed(recs[k], calls[k])
-    return [recs[k].summary(names[k]) for k in (0, 1)]
+    return [rec.summary(name) for rec, name in zip(recs, names, strict=True)]
 
 
 async def loaded(calls: dict[str, Any], in_flight: int, duration_s: float) -> list[dict[str, Any]]:
@@ -268,9 +272,8 @@ async def measure(args: argparse.Namespace, port: int, repo: Path) -> list[dict[
             (predict("ranker"), predict("ranker_unbatched")),
             n,
         )
-        for model in MODELS:
-            rows.append(await sequential(f"predict 1x100 {model}", predict(model), n))
-            rows.append(await sequential(f"rank 500->20 {model}", rank(model, False), n))
+        rows += await alternating([f"predict 1x100 {m}" for m in MODELS], [predict(m) for m in MODELS], n)
+        rows += await alternating([f"rank 500->20 {m}" for m in MODELS], [rank(m, False) for m in MODELS], n)
         rows.append(await sequential("rank 500->20 ranker, retrieved", rank("ranker", True), n))
         for in_flight in (8, 32, 64):
             rows += await loaded(
@@ -289,8 +292,8 @@ async def measure(args: argparse.Namespace, port: int, repo: Path) -> list[dict[
 def quality(samples: int) -> list[dict[str, Any]]:
     """AUC and log-loss of each model on demo data none of them was trained on."""
     sys.path.insert(0, str(ROOT / "feature_repo"))
-    import generate
-    import train_model
+    import generate  # type: ignore[import-not-found]  # feature_repo/, on sys.path above
+    import train_model  # type: ignore[import-not-found]
 
     from featurestore.embedded import EmbeddedPostgres
     from featurestore.inference.models import parse_models
