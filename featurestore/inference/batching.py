@@ -5,10 +5,12 @@
     await batcher.close()
 
 A call that finds the batcher idle (nothing queued, nothing fetched or scored) takes the
-direct path: it runs `fetch([item])` and then `score(...)` in its own task, with no
-queue, no task switch and no copy; that is the whole cost of batching at one call in
-flight. Calls that arrive while anything is in flight queue up, and two stages run them
-as a pipeline, each in its own task:
+direct path: it runs `fetch([item])` and then `score_direct(...)` (default `score`) in
+its own task, with no queue, no task switch and no copy; that is the whole cost of
+batching at one call in flight. Meanwhile each stage is the direct call's: the loops
+below wait for it, so calls that arrive during its fetch form the next batch. Calls that
+arrive while anything is in flight queue up, and two stages run them as a pipeline, each
+in its own task:
 
     queue --(fetch loop: takes a batch, awaits `fetch(batch)`: Redis, decode, matrix)-->
     hand-off (holds ONE fetched batch) --(score loop: awaits `score(prepared)`: model)-->

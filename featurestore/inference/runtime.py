@@ -22,10 +22,15 @@ stat calls, microseconds); a change that holds still for one more poll triggers 
 (so a file still being written is not loaded half-way; replacing it by a rename is best).
 `reload` also runs with the server's registry refresh.
 
+Where a model runs: batches on the one inference thread that all models share (ONNX
+Runtime releases the GIL, so the event loop fetches the next batch meanwhile); a lone
+call whose run is expected to take at most INLINE_BUDGET_S on the event loop itself
+(`Model.inline`), which saves the hop to that thread and back.
+
 Threads: each session runs its operators on `intra_op_threads` threads (the settings'
 `--model-threads`, or the model's `intra_op_threads` in models.yaml); ONNX Runtime would
 otherwise start one per core in every session and fight the event loop and the other
-server processes for them. All models share one inference thread that calls them.
+server processes for them.
 
 Per model, Prometheus shows its version, input width, threads, a memory estimate (how
 much the process grew while the session loaded and warmed up, at least the file's size),

@@ -5,16 +5,22 @@
     ranked = await scorer.rank("ranker", {"user_id": [7]}, candidate_ids=ids, top_n=20)
 
 A call is checked and its Redis keys are built in the caller's task (so a bad call fails
-alone), then it joins its model's `MicroBatcher` (or, with batching off, runs the same two
-stages by itself):
+alone), then it goes to its model's `MicroBatcher`, which runs it at once when the model
+is idle and batches it with the calls it overlaps otherwise (with batching off, the call
+runs the same two stages by itself):
 
-    fetch   the keys of every call of the batch, every view: ONE MGET; decode per
-            join-key group; assemble the batch matrix; fill or fail per call
-    score   one model run on the inference thread; scores split back per call
+    fetch   the keys of every call of the batch, every view: ONE MGET; the batch matrix
+            gathered straight from the packed rows (matrix.gather); request and fill
+            values (matrix.finish); a call missing a required input fails alone
+    score   one model run on the inference thread, or on the event loop for a lone call
+            within the inline budget (runtime.Model.inline); scores split back per call
 
 Entity columns hold n values, or 1 to broadcast (a user scored against n items): a
 group whose keys are all broadcast reads one row per view. Request-time inputs work the
-same way. Per-stage seconds (`Timings`) travel with each call and go to Prometheus.
+same way. Per-stage seconds (`Timings`) travel with each call and go to Prometheus:
+queue (waiting for the batcher, for the model, and the hop to the inference thread),
+redis, decode (the gather), matrix (request and fill values), model (the ONNX Runtime
+run), and the servicer adds serialization; fetch = redis + decode.
 """
 
 from __future__ import annotations
