@@ -144,6 +144,7 @@ class Model:
         self._cpu = metrics.MODEL_CPU_SECONDS.labels(spec.name)
         self.row_s = 0.0  # seconds per row of a run, a moving average: what running inline would cost
         self.score(np.zeros((1, spec.width), dtype=np.float32))  # the check: one row scores
+        self.row_s = 0.0  # seeded by the warm-up, not by the one row's fixed costs
         try:  # the warm-up; a model that cannot take a batch fails its calls, as it would anyway
             for _ in range(2):
                 self.score(np.zeros((WARM_ROWS, spec.width), dtype=np.float32))
