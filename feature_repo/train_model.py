@@ -1,18 +1,27 @@
-"""Train the demo ranker on the demo data and export it to ONNX.
+"""Train the demo rankers on the demo data and export them to ONNX.
 
-    python feature_repo/train_model.py --dsn postgresql://postgres@127.0.0.1:5432/postgres
+    python feature_repo/train_model.py --dsn postgresql://postgres@127.0.0.1:5432/postgres \
+        [--models ranker ranker_mlp]
 
-Reads the model's declaration from models.yaml (its inputs, in matrix order), the latest
+Reads each model's declaration from models.yaml (its inputs, in matrix order), the latest
 row of every user and item from PostgreSQL (asyncpg; rows older than their view's TTL
 count as missing, as the online store reports them), draws (user, item, hour) triples,
 labels each with a synthetic click (a logistic function of plausible signals: item CTR
 and rating, promotion, the user's CTR, a category the user just browsed, the user's
-matching preference, price, the hour; plus noise), fits a gradient-boosted tree ensemble
-(scikit-learn, 100 trees of depth 4) and writes it with skl2onnx to the model's path
-(models/ranker.onnx).
-The same seed gives the same model.
+matching preference, price, the hour; plus noise) and trains on 80% of them:
 
-Needs the `train` packages: scikit-learn, skl2onnx (which brings onnx).
+    ranker            gradient-boosted trees (scikit-learn, 100 trees of depth 4)
+    ranker_mlp        a small neural network: the three string inputs one-hot encoded,
+                      the rest standardized, two ReLU layers (512, 256), inside the ONNX
+                      graph, so the server sends it the same matrix as the trees
+    ranker_mlp_int8   ranker_mlp with its weights quantized to int8 by ONNX Runtime's
+                      dynamic quantization (activations quantized per batch at run time)
+
+skl2onnx writes each to its models.yaml path (models/*.onnx); the held-out 20% gives each
+file's AUC and log-loss, read back through ONNX Runtime, so the int8 copy's quality cost
+is measured on the file the server loads. The same seed gives the same models.
+
+Needs the `train` packages: scikit-learn, skl2onnx (which brings onnx), onnxruntime.
 """
 
 from __future__ import annotations
@@ -21,10 +30,10 @@ import argparse
 import asyncio
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import numpy as np
@@ -34,6 +43,8 @@ from featurestore.inference.models import InputColumn, ModelSpec, parse_models
 from featurestore.registry import Registry, load_registry
 
 HERE = Path(__file__).resolve().parent
+Floats = npt.NDArray[np.float32]
+Labels = npt.NDArray[np.int64]
 # item category -> the user preference that makes it attractive
 _PREFERENCE = {
     "sports": "pref_sports",
@@ -122,10 +133,11 @@ def click_labels(spec: ModelSpec, m: npt.NDArray[np.float32], rng: np.random.Gen
         + 0.4 * f("user_profile:is_premium")
         + rng.normal(0.0, 0.6, len(m))
     )
-    return (rng.random(len(m)) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
+    clicks: Labels = (rng.random(len(m)) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
+    return clicks
 
 
-def train(matrix: npt.NDArray[np.float32], labels: npt.NDArray[np.int64], seed: int) -> Any:
+def train_trees(spec: ModelSpec, matrix: Floats, labels: Labels, seed: int) -> Any:
     # Classic gradient boosting: skl2onnx converts it exactly (its converter for the
     # histogram variant fails on this scikit-learn's missing-value attributes).
     from sklearn.ensemble import GradientBoostingClassifier
@@ -134,6 +146,29 @@ def train(matrix: npt.NDArray[np.float32], labels: npt.NDArray[np.int64], seed: 
         n_estimators=100, max_depth=4, learning_rate=0.1, subsample=0.8, random_state=seed
     )
     return model.fit(matrix, labels)
+
+
+def train_mlp(spec: ModelSpec, matrix: Floats, labels: Labels, seed: int) -> Any:
+    """One-hot strings (their vocabulary indices, -1 for unknown), standardized numbers, an MLP."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+    strings = [j for j, c in enumerate(spec.columns) if c.vocabulary is not None]
+    categories = [np.arange(-1, len(spec.columns[j].vocabulary or {}), dtype=np.float32) for j in strings]
+    encode = ColumnTransformer(
+        [("strings", OneHotEncoder(categories=categories, handle_unknown="ignore"), strings)],
+        remainder=StandardScaler(),
+    )
+    network = MLPClassifier(
+        hidden_layer_sizes=(512, 256), batch_size=256, max_iter=60, early_stopping=True, random_state=seed
+    )
+    return make_pipeline(encode, network).fit(matrix, labels)
+
+
+TRAINERS: dict[str, Callable[[ModelSpec, Floats, Labels, int], Any]] = {"ranker": train_trees, "ranker_mlp": train_mlp}
+QUANTIZED = {"ranker_mlp_int8": "ranker_mlp"}  # an int8 copy of: the model it quantizes
 
 
 def export(model: Any, width: int, path: Path) -> int:
@@ -152,38 +187,83 @@ def export(model: Any, width: int, path: Path) -> int:
     return len(blob)
 
 
+def quantize(source: Path, path: Path) -> int:
+    """An int8 copy of `source`: weights int8, activations quantized per batch at run time."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process does not apply to MLPs
+    quantize_dynamic(source, path, weight_type=QuantType.QInt8)
+    return path.stat().st_size
+
+
+class Quality(NamedTuple):
+    """How well a model file ranks held-out clicks."""
+
+    auc: float
+    log_loss: float
+
+
+def evaluate(spec: ModelSpec, path: Path, matrix: Floats, labels: Labels) -> Quality:
+    """AUC and log-loss of the ONNX file at `path` (as ONNX Runtime runs it) on `matrix`."""
+    import onnxruntime as ort
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    output = spec.output or session.get_outputs()[-1].name
+    clicks = np.asarray(session.run([output], {session.get_inputs()[0].name: matrix})[0])[:, spec.output_column]
+    clicks = np.clip(clicks.astype(np.float64), 1e-7, 1 - 1e-7)
+    return Quality(float(roc_auc_score(labels, clicks)), float(log_loss(labels, clicks)))
+
+
+async def dataset(dsn: str, registry: Registry, spec: ModelSpec, samples: int, seed: int) -> tuple[Floats, Labels]:
+    """`samples` labelled rows of `spec`'s matrix from the demo data at `dsn`, shuffled."""
+    views = sorted({c.view for c in spec.columns if not c.is_request})
+    rows = await latest_rows(dsn, registry, views, datetime.now(UTC))
+    rng = np.random.default_rng(seed)
+    user_ids = np.array(sorted({i for v in views if "user" in v for i in rows[v]}))
+    item_ids = np.array(sorted({i for v in views if "item" in v for i in rows[v]}))
+    users = rng.choice(user_ids, samples)
+    items = rng.choice(item_ids, samples)
+    hours = rng.integers(0, 24, samples)
+    matrix = build(spec, rows, users, items, hours)
+    return matrix, click_labels(spec, matrix, rng)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--dsn", required=True, help="PostgreSQL holding the demo data")
     parser.add_argument("--repo", type=Path, default=HERE)
-    parser.add_argument("--model", default="ranker")
+    parser.add_argument("--models", nargs="+", default=[*TRAINERS], choices=[*TRAINERS], help="what to train")
     parser.add_argument("--samples", type=int, default=60_000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    started = time.perf_counter()
     registry = load_registry(args.repo)
-    spec = parse_models(args.repo / "models.yaml", registry)[args.model]
-    views = sorted({c.view for c in spec.columns if not c.is_request})
-    rows = asyncio.run(latest_rows(args.dsn, registry, views, datetime.now(UTC)))
-    rng = np.random.default_rng(args.seed)
-    user_ids = np.array(sorted({i for v in views if "user" in v for i in rows[v]}))
-    item_ids = np.array(sorted({i for v in views if "item" in v for i in rows[v]}))
-    users = rng.choice(user_ids, args.samples)
-    items = rng.choice(item_ids, args.samples)
-    hours = rng.integers(0, 24, args.samples)
-    matrix = build(spec, rows, users, items, hours)
-    labels = click_labels(spec, matrix, rng)
-    split = int(0.8 * args.samples)
-    model = train(matrix[:split], labels[:split], args.seed)
-    from sklearn.metrics import roc_auc_score
-
-    auc = roc_auc_score(labels[split:], model.predict_proba(matrix[split:])[:, 1])
-    size = export(model, spec.width, spec.path)
-    print(
-        f"{spec.name}: {spec.width} inputs from {len(views)} views, {args.samples} samples,"
-        f" click rate {labels.mean():.3f}, held-out AUC {auc:.3f};"
-        f" wrote {spec.path} ({size:,} bytes) in {time.perf_counter() - started:.1f} s"
-    )
+    specs = parse_models(args.repo / "models.yaml", registry)
+    for name in args.models:
+        started = time.perf_counter()
+        spec = specs[name]
+        matrix, labels = asyncio.run(dataset(args.dsn, registry, spec, args.samples, args.seed))
+        split = int(0.8 * args.samples)
+        model = TRAINERS[name](spec, matrix[:split], labels[:split], args.seed)
+        size = export(model, spec.width, spec.path)
+        held_out = matrix[split:], labels[split:]
+        quality = evaluate(spec, spec.path, *held_out)
+        print(
+            f"{spec.name}: {spec.width} inputs, {args.samples} samples, click rate {labels.mean():.3f};"
+            f" held-out AUC {quality.auc:.4f}, log-loss {quality.log_loss:.4f};"
+            f" wrote {spec.path} ({size:,} bytes) in {time.perf_counter() - started:.1f} s"
+        )
+        for copy, of in QUANTIZED.items():
+            if of == name and copy in specs:
+                size = quantize(spec.path, specs[copy].path)
+                int8 = evaluate(specs[copy], specs[copy].path, *held_out)
+                print(
+                    f"{copy}: held-out AUC {int8.auc:.4f} ({int8.auc - quality.auc:+.4f} against fp32),"
+                    f" log-loss {int8.log_loss:.4f} ({int8.log_loss - quality.log_loss:+.4f});"
+                    f" wrote {specs[copy].path} ({size:,} bytes)"
+                )
     return 0
 
 

@@ -109,6 +109,14 @@ flag without a value) is on when given; its variable takes true/false, 1/0, yes/
 --models PATH  FEATURESTORE_MODELS  default unset
     The models file, which declares the ONNX models and their inputs; unset, it is
     models.yaml in the repo. No file there means no models.
+--model-threads N  FEATURESTORE_MODEL_THREADS  default 1
+    ONNX Runtime intra-op threads of each model, 1 to 256 (a model's intra_op_threads in
+    the models file wins). One suits small machines: the server processes already use
+    the cores, and more threads per model only contend with them.
+--model-poll-s SECONDS  FEATURESTORE_MODEL_POLL_S  default 1 s
+    Seconds between checks of the models file and the model files for changes; a
+    changed model loads beside the serving one and replaces it once it passed a test run
+    (0: only with the registry refresh).
 
 `security` (`SecuritySettings`), TLS, tokens and what is open without them (README
 "Security"; featurestore/serving/tls.py and auth.py):
@@ -540,6 +548,23 @@ class InferenceSettings:
         metadata=_meta(
             f"The models file, which declares the ONNX models and their inputs; unset, it is {MODELS_FILE} in"
             " the repo. No file there means no models."
+        ),
+    )
+    model_threads: int = field(
+        default=1,
+        metadata=_meta(
+            "ONNX Runtime intra-op threads of each model, 1 to 256 (a model's intra_op_threads in the models file"
+            " wins). One suits small machines: the server processes already use the cores, and more threads per"
+            " model only contend with them.",
+            bounds=(1, 256),
+        ),
+    )
+    model_poll_s: float = field(
+        default=1.0,
+        metadata=_meta(
+            "Seconds between checks of the models file and the model files for changes; a changed model loads"
+            " beside the serving one and replaces it once it passed a test run (0: only with the registry"
+            " refresh)."
         ),
     )
 

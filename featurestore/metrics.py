@@ -8,10 +8,21 @@
                                                 running now (health and reflection not
                                                 counted): the autoscaling signal; the
                                                 server refuses calls beyond --max-in-flight
-    featurestore_inference_stage_seconds{stage} Predict/Rank stages: queue, redis, decode,
-                                                retrieval, matrix, model, serialization, total
+    featurestore_inference_stage_seconds{stage} Predict/Rank stages: queue, fetch (= redis +
+                                                decode), redis, decode, retrieval, matrix,
+                                                model, serialization, total
     featurestore_inference_batch_rows           rows per model batch
     featurestore_inference_batch_requests       calls per model batch
+    featurestore_inference_calls_total{path}    calls by batching path: direct (found the
+                                                batcher idle), batched, unbatched (off)
+    featurestore_model_info{model, version}     1 per serving model version
+    featurestore_model_input_width{model}       input columns of each served model
+    featurestore_model_threads{model}           its ONNX Runtime intra-op threads
+    featurestore_model_memory_bytes{model}      its memory estimate (process growth while
+                                                it loaded and warmed up; >= its file size)
+    featurestore_model_run_seconds{model}       histogram of its ONNX Runtime runs
+    featurestore_model_cpu_seconds_total{model} CPU time of its runs (inference thread)
+    featurestore_model_loads_total{model, outcome}  loaded, failed, removed
     featurestore_cache_hits_total               row keys served from the hot cache
     featurestore_cache_misses_total             row keys read from Redis (cache on)
     featurestore_cache_bytes                    the hot cache's accounted size
@@ -41,9 +52,13 @@ __all__ = [
     "CACHE_MISSES",
     "CACHE_SERVING",
     "CACHE_WARM_SECONDS",
+    "INFERENCE_BATCHED",
     "INFERENCE_BATCH_REQUESTS",
     "INFERENCE_BATCH_ROWS",
+    "INFERENCE_CALLS",
     "INFERENCE_DECODE",
+    "INFERENCE_DIRECT",
+    "INFERENCE_FETCH",
     "INFERENCE_MATRIX",
     "INFERENCE_MODEL",
     "INFERENCE_QUEUE",
@@ -51,7 +66,15 @@ __all__ = [
     "INFERENCE_RETRIEVAL",
     "INFERENCE_SERIALIZATION",
     "INFERENCE_TOTAL",
+    "INFERENCE_UNBATCHED",
     "IN_FLIGHT",
+    "MODEL_CPU_SECONDS",
+    "MODEL_INFO",
+    "MODEL_INPUT_WIDTH",
+    "MODEL_LOADS",
+    "MODEL_MEMORY_BYTES",
+    "MODEL_RUN_SECONDS",
+    "MODEL_THREADS",
     "REQUESTS",
     "REQUEST_SECONDS",
     "STAGE_DECODE",
@@ -116,6 +139,7 @@ INFERENCE_BATCH_REQUESTS = Histogram(
     "featurestore_inference_batch_requests", "Calls per model batch.", buckets=_BATCH_BUCKETS
 )
 INFERENCE_QUEUE = INFERENCE_STAGE_SECONDS.labels("queue")
+INFERENCE_FETCH = INFERENCE_STAGE_SECONDS.labels("fetch")  # redis + decode: the feature fetch
 INFERENCE_REDIS = INFERENCE_STAGE_SECONDS.labels("redis")
 INFERENCE_DECODE = INFERENCE_STAGE_SECONDS.labels("decode")
 INFERENCE_RETRIEVAL = INFERENCE_STAGE_SECONDS.labels("retrieval")
@@ -123,6 +147,25 @@ INFERENCE_MATRIX = INFERENCE_STAGE_SECONDS.labels("matrix")
 INFERENCE_MODEL = INFERENCE_STAGE_SECONDS.labels("model")
 INFERENCE_SERIALIZATION = INFERENCE_STAGE_SECONDS.labels("serialization")
 INFERENCE_TOTAL = INFERENCE_STAGE_SECONDS.labels("total")
+INFERENCE_CALLS = Counter("featurestore_inference_calls", "Predict/Rank calls by batching path.", ["path"])
+INFERENCE_DIRECT = INFERENCE_CALLS.labels("direct")
+INFERENCE_BATCHED = INFERENCE_CALLS.labels("batched")
+INFERENCE_UNBATCHED = INFERENCE_CALLS.labels("unbatched")
+
+# Per model: children are bound when a model loads (featurestore/inference/runtime.py).
+MODEL_INFO = Gauge("featurestore_model_info", "1 per serving model version.", ["model", "version"])
+MODEL_INPUT_WIDTH = Gauge("featurestore_model_input_width", "Input columns of each served model.", ["model"])
+MODEL_THREADS = Gauge("featurestore_model_threads", "ONNX Runtime intra-op threads of each served model.", ["model"])
+MODEL_MEMORY_BYTES = Gauge(
+    "featurestore_model_memory_bytes",
+    "Estimated memory of each served model (process growth while it loaded and warmed up), bytes.",
+    ["model"],
+)
+MODEL_RUN_SECONDS = Histogram(
+    "featurestore_model_run_seconds", "ONNX Runtime run time per batch and model, seconds.", ["model"], buckets=_BUCKETS
+)
+MODEL_CPU_SECONDS = Counter("featurestore_model_cpu_seconds", "CPU seconds of each model's runs.", ["model"])
+MODEL_LOADS = Counter("featurestore_model_loads", "Model loads by outcome.", ["model", "outcome"])
 
 CACHE_HITS = Counter("featurestore_cache_hits", "Row keys served from the hot cache.")
 CACHE_MISSES = Counter("featurestore_cache_misses", "Row keys read from Redis, cache on.")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import os
 import shutil
 import subprocess
@@ -183,3 +184,15 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     """A client on a flushed database for a whole module; flushed again after it."""
     async for client in _flushed(redis_url):
         yield client
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """Commands run in-process (`main([...])`) configure logging for the process; put the
+    root logger back after each test, so no test sees another's level or handlers."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)

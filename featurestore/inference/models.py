@@ -16,6 +16,7 @@
         batching: {enabled: true, max_rows: 4096, max_requests: 64, max_wait_us: 0}
         candidate_key: item_id        # Rank: the join key candidates are ids of
         retrieval_view: item_embedding
+        intra_op_threads: 2           # ONNX Runtime threads (default: --model-threads)
 
 The input matrix is float32, one column per input in a fixed order: the features in the
 order the references resolve (`Registry.resolve`), then the request-time inputs. Numbers
@@ -111,7 +112,7 @@ class ModelSpec:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     candidate_key: str = ""
     retrieval_view: str = ""
-    intra_op_threads: int = 1
+    intra_op_threads: int | None = None  # None: the server's --model-threads
 
     @property
     def width(self) -> int:
@@ -181,8 +182,16 @@ def _spec(name: str, entry: dict[str, Any], base: Path, registry: Registry) -> M
         batching=batching,
         candidate_key=entry.get("candidate_key", ""),
         retrieval_view=entry.get("retrieval_view", ""),
-        intra_op_threads=int(entry.get("intra_op_threads", 1)),
+        intra_op_threads=_threads(name, entry.get("intra_op_threads")),
     )
+
+
+def _threads(model: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+        raise ConfigError(f"model {model!r}: intra_op_threads is {value!r}; an integer from 1 to 256")
+    return value
 
 
 def _column(

@@ -5,16 +5,22 @@
     ranked = await scorer.rank("ranker", {"user_id": [7]}, candidate_ids=ids, top_n=20)
 
 A call is checked and its Redis keys are built in the caller's task (so a bad call fails
-alone), then it joins its model's `MicroBatcher` (or, with batching off, runs the same two
-stages by itself):
+alone), then it goes to its model's `MicroBatcher`, which runs it at once when the model
+is idle and batches it with the calls it overlaps otherwise (with batching off, the call
+runs the same two stages by itself):
 
-    fetch   the keys of every call of the batch, every view: ONE MGET; decode per
-            join-key group; assemble the batch matrix; fill or fail per call
-    score   one model run on the inference thread; scores split back per call
+    fetch   the keys of every call of the batch, every view: ONE MGET; the batch matrix
+            gathered straight from the packed rows (matrix.gather); request and fill
+            values (matrix.finish); a call missing a required input fails alone
+    score   one model run on the inference thread, or on the event loop for a lone call
+            within the inline budget (runtime.Model.inline); scores split back per call
 
 Entity columns hold n values, or 1 to broadcast (a user scored against n items): a
 group whose keys are all broadcast reads one row per view. Request-time inputs work the
-same way. Per-stage seconds (`Timings`) travel with each call and go to Prometheus.
+same way. Per-stage seconds (`Timings`) travel with each call and go to Prometheus:
+queue (waiting for the batcher, for the model, and the hop to the inference thread),
+redis, decode (the gather), matrix (request and fill values), model (the ONNX Runtime
+run), and the servicer adds serialization; fetch = redis + decode.
 """
 
 from __future__ import annotations
@@ -29,10 +35,10 @@ import numpy as np
 import numpy.typing as npt
 
 from featurestore import metrics
-from featurestore.decode import PRESENT, decode
+from featurestore.decode import PRESENT
 from featurestore.errors import DeadlineExceeded, InvalidArgument, MissingFeature, quote
 from featurestore.inference.batching import MicroBatcher
-from featurestore.inference.matrix import InputPlan, assemble
+from featurestore.inference.matrix import BatchMatrix, InputPlan, finish, gather
 from featurestore.inference.models import (
     check_request_values,
 )
@@ -41,7 +47,7 @@ from featurestore.limits import MAX_CANDIDATES, MAX_ROWS
 from featurestore.lookup import Lookup
 from featurestore.store.pipe import RedisPipe
 from featurestore.tasks import cancel_all
-from featurestore.types import Entities, Floats, Ids, Statuses
+from featurestore.types import Entities, Floats, Ids
 
 __all__ = ["CandidateSource", "Ranked", "RequestColumn", "RequestColumns", "Retrieval", "Scored", "Scorer", "Timings"]
 
@@ -314,6 +320,7 @@ class Scorer:
         try:
             async with asyncio.timeout(timeout_s):
                 if not batching.enabled:
+                    metrics.INFERENCE_UNBATCHED.inc()
                     call.enqueued = call.dequeued = time.perf_counter()
                     await self._score(await self._fetch([call]))
                     return await call.future
@@ -334,6 +341,7 @@ class Scorer:
             batcher: MicroBatcher[_Call, _Batch] = MicroBatcher(
                 self._fetch,
                 self._score,
+                score_direct=self._score_direct,
                 max_rows=config.max_rows,
                 max_requests=config.max_requests,
                 max_wait_us=config.max_wait_us,
@@ -351,30 +359,18 @@ class Scorer:
         self.models.close()
 
     async def _fetch(self, calls: Sequence[_Call]) -> _Batch:
-        """Stage 1: one MGET for every call and view, decode, the batch matrix."""
+        """Stage 1: one MGET for every call and view; the batch matrix straight from the rows."""
         model, plan = calls[0].model, calls[0].plan
-        all_keys: list[bytes] = []
-        for g, group in enumerate(plan.groups):
-            # A group's rows go view after view (what `decode` reads), calls in order.
-            for v in range(len(group.plan.view_names)):
-                for call in calls:
-                    keys, n = call.keys[g]
-                    all_keys += keys[v * n : (v + 1) * n]
         t0 = time.perf_counter()
-        rows = await self._lookup.read_rows(all_keys, pipe=self._pipe)
+        rows = await self._lookup.read_rows(_batch_keys(plan, calls), pipe=self._pipe)
         t1 = time.perf_counter()
-        now_us = time.time_ns() // 1000
-        decoded, at = [], 0
-        for g, group in enumerate(plan.groups):
-            n = sum(call.keys[g][1] for call in calls)
-            size = n * len(group.plan.view_names)
-            decoded.append(group.decode(decode(group.plan, rows[at : at + size], n, now_us)))
-            at += size
+        gathered = gather(plan, calls, rows, time.time_ns() // 1000)
         t2 = time.perf_counter()
-        batch = _assemble(model, plan, calls, decoded)
+        batch = _finish(model, plan, calls, gathered)
         t3 = time.perf_counter()
         metrics.INFERENCE_REDIS.observe(t1 - t0)
         metrics.INFERENCE_DECODE.observe(t2 - t1)
+        metrics.INFERENCE_FETCH.observe(t2 - t0)
         metrics.INFERENCE_MATRIX.observe(t3 - t2)
         for call in calls:
             tm = call.timings
@@ -385,11 +381,22 @@ class Scorer:
         return batch
 
     async def _score(self, batch: _Batch) -> None:
-        """Stage 2: one model run; each call gets its rows' scores."""
-        t0 = time.perf_counter()
-        scores = await batch.model.run(batch.matrix)
-        t1 = time.perf_counter()
-        metrics.INFERENCE_MODEL.observe(t1 - t0)
+        """Stage 2: one model run on the inference thread; each call gets its rows' scores."""
+        self._scored(batch, time.perf_counter(), *(await batch.model.timed_run(batch.matrix)))
+
+    async def _score_direct(self, batch: _Batch) -> None:
+        """Stage 2 of a lone call: a small run on the event loop itself (see Model.inline),
+        else on the inference thread."""
+        if batch.model.inline(batch.matrix.shape[0]):
+            self._scored(batch, time.perf_counter(), *batch.model.timed_score(batch.matrix))
+        else:
+            await self._score(batch)
+
+    def _scored(self, batch: _Batch, t0: float, scores: Floats, run_s: float) -> None:
+        """Resolve the calls of a scored batch. The model stage is the run itself; the hop
+        to the inference thread and back (and a wait behind other runs) counts as queue."""
+        waited = time.perf_counter() - t0 - run_s
+        metrics.INFERENCE_MODEL.observe(run_s)
         metrics.INFERENCE_BATCH_ROWS.observe(batch.matrix.shape[0])
         metrics.INFERENCE_BATCH_REQUESTS.observe(len(batch.calls))
         names = [c.ref for c in batch.model.spec.columns]
@@ -398,8 +405,8 @@ class Scorer:
                 continue
             end = start + call.rows
             tm = call.timings
-            tm.queue += t0 - call.enqueued
-            tm.model = t1 - t0
+            tm.queue += t0 - call.enqueued + waited
+            tm.model = run_s
             metrics.INFERENCE_QUEUE.observe(tm.queue)
             call.future.set_result(
                 Scored(
@@ -468,9 +475,24 @@ def _request_columns(plan: InputPlan, values: RequestColumns, n: int) -> dict[in
     return out
 
 
-def _assemble(model: Model, plan: InputPlan, calls: Sequence[_Call], decoded: list[tuple[Floats, Statuses]]) -> _Batch:
-    """The batch matrix and statuses; calls whose required inputs are missing fail here."""
-    batch = assemble(plan, calls, decoded)
+def _batch_keys(plan: InputPlan, calls: Sequence[_Call]) -> list[bytes]:
+    """The keys of a batch in the order `gather` reads them: per group, view after view,
+    in each the calls' rows in order (a lone call's keys already are)."""
+    if len(calls) == 1:
+        mine = calls[0].keys
+        return mine[0][0] if len(mine) == 1 else [key for group_keys, _ in mine for key in group_keys]
+    out: list[bytes] = []
+    for g, group in enumerate(plan.groups):
+        for v in range(len(group.plan.view_names)):
+            for call in calls:
+                keys, n = call.keys[g]
+                out += keys[v * n : (v + 1) * n]
+    return out
+
+
+def _finish(model: Model, plan: InputPlan, calls: Sequence[_Call], gathered: BatchMatrix) -> _Batch:
+    """Request values and fill values; calls whose required inputs are missing fail here."""
+    batch = finish(plan, calls, gathered)
     if plan.required.any():
         _fail_required(model, plan, calls, batch.starts, batch.missing)
     return _Batch(model, calls, batch.matrix, batch.statuses, batch.starts[:-1])

@@ -183,7 +183,13 @@ class FeatureServer:
     ) -> Scorer:
         """The models of the repo's models.yaml (a model that fails is logged, not served);
         batches read through a pipelined Redis connection of their own."""
-        models = ModelRegistry(self.settings.models_path, registry)
+        inference = self.settings.inference
+        models = ModelRegistry(
+            self.settings.models_path,
+            registry,
+            intra_op_threads=inference.model_threads,
+            poll_s=inference.model_poll_s,
+        )
         parts.callback(models.close)
         await models.load_all()
         pipe = RedisPipe.from_url(self.settings.redis_url, timeout_s=self.settings.server.redis_timeout_s)

@@ -57,6 +57,8 @@ FLAGS = {
     "--auth-token-hashes",
     "--reflection-open",
     "--health-port",
+    "--model-threads",
+    "--model-poll-s",
 }
 
 

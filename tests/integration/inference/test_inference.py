@@ -63,6 +63,12 @@ models:
   unbatched:
     <<: *ranker
     batching: {enabled: false}
+  ranker_mlp:
+    <<: *ranker
+    path: models/ranker_mlp.onnx
+  ranker_mlp_int8:
+    <<: *ranker
+    path: models/ranker_mlp_int8.onnx
   strict:
     <<: *ranker
     fill: {<<: *fill, item_stats:price: required}
@@ -177,8 +183,8 @@ def expected_matrix(
     return matrix
 
 
-def direct_scores(matrix: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    session = ort.InferenceSession(str(ROOT / "feature_repo/models/ranker.onnx"), providers=["CPUExecutionProvider"])
+def direct_scores(matrix: npt.NDArray[np.float32], model: str = "ranker") -> npt.NDArray[np.float32]:
+    session = ort.InferenceSession(str(ROOT / f"feature_repo/models/{model}.onnx"), providers=["CPUExecutionProvider"])
     out: npt.NDArray[np.float32] = session.run(["probabilities"], {"features": matrix})[0][:, 1]
     return out
 
@@ -235,6 +241,34 @@ async def test_predict_equals_the_model_on_a_matrix_from_sql(
         assert ("request:hour_of_day" in statuses) == (hour is None)
         b = response.breakdown
         assert b.total_us > 0 and b.model_us > 0 and b.redis_us > 0 and b.batch_rows >= 101
+
+
+async def test_the_trees_and_the_neural_ranker_in_fp32_and_int8_are_served_at_once(
+    stub: pb_grpc.FeatureStoreStub, server: FeatureServer, spec: ModelSpec, data: Any
+) -> None:
+    assert server.scorer is not None
+    items = list(range(1, 151))
+    want = direct_scores(expected_matrix(spec, data, 5, items, 20), "ranker_mlp")
+    scores = {}
+    for model in ("ranker", "ranker_mlp", "ranker_mlp_int8"):
+        calls = [stub.Predict(predict_request(model, 5, items, 20, return_breakdown=True)) for _ in range(3)]
+        responses = await asyncio.gather(*calls)  # overlapping calls: batched and direct paths
+        for response in responses:
+            np.testing.assert_allclose(
+                scores_of(response),
+                direct_scores(expected_matrix(spec, data, 5, items, 20), model),
+                rtol=1e-5,
+                atol=1e-6,
+            )
+        assert responses[0].model_version == server.scorer.models.get(model).version
+        scores[model] = scores_of(responses[0])
+    # int8 weights move a score a little, not the ranking: the same top items, nearly the same scores
+    assert np.abs(scores["ranker_mlp_int8"] - want).max() < 0.05
+    assert np.corrcoef(scores["ranker_mlp_int8"], want)[0, 1] > 0.99
+    assert len({r.model_version for r in responses}) == 1
+    infos = {info.name: info for info in server.scorer.models.describe()}
+    assert infos["ranker_mlp_int8"].file_bytes < infos["ranker_mlp"].file_bytes / 3
+    assert all(info.width == WIDTH and info.threads == 1 for info in infos.values())
 
 
 async def test_rank_top_n_equals_brute_force(stub: pb_grpc.FeatureStoreStub, spec: ModelSpec, data: Any) -> None:

@@ -10,6 +10,7 @@ rows written.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import MappingProxyType
@@ -101,8 +102,9 @@ models:
   strict:
     <<: *ranker
     fill: {<<: *fill, item_stats:price: required}
-    # a batch closes when four calls are queued (the test sends four at once), else after 2 s
-    batching: {max_requests: 4, max_wait_us: 2000000}
+    # the test sends four calls at once: the first runs alone (the batcher is idle), and the
+    # batch of the other three closes when they are queued, else after 2 s
+    batching: {max_requests: 3, max_wait_us: 2000000}
 """
 WEIGHTS = [1.0, -0.5, 0.25, 2.0, 3.0, 0.125, 0.75, -1.5]  # one per input: a misplaced value shows
 
@@ -284,7 +286,9 @@ async def test_a_required_input_fails_only_its_own_call_in_a_batch(scorer: Score
     for k in (0, 2, 3):
         scored = outcome[k]
         assert not isinstance(scored, BaseException), scored
-        assert scored.timings.batch_requests == 4  # one batch with the failing call
+        # The first call found the batcher idle and ran alone; the rest overlapped it and
+        # formed one batch with the failing call.
+        assert scored.timings.batch_requests == (1 if k == 0 else 3)
         users, items = calls[k]
         np.testing.assert_array_equal(scored.scores, direct_scores(expected_matrix(spec, users, items, {})))
 
@@ -326,3 +330,26 @@ async def test_a_tiny_timeout_is_deadline_exceeded_and_the_scorer_keeps_serving(
         await scorer.rank(model, {"user_id": [1]}, candidate_ids=np.arange(1, 41, dtype=np.int64), timeout_s=1e-6)
     scored = await scorer.predict(model, entities, timeout_s=30)
     assert scored.scores.shape == (40,)
+
+
+async def test_a_lone_small_call_is_scored_on_the_event_loop_and_others_on_the_inference_thread(
+    scorer: Scorer,
+) -> None:
+    """The direct path skips the hop to the inference thread for a run within the inline
+    budget; batching off (and batches) always take it. Shown with that thread held busy."""
+    entities = {"user_id": [1], "item_id": [1, 2, 3]}
+    await scorer.predict("ranker", entities)  # the model's cost per row is known by now
+    assert scorer.models.get("ranker").inline(3)
+    release = threading.Event()
+    busy = asyncio.get_running_loop().run_in_executor(scorer.models.executor, release.wait, 30)
+    try:
+        async with asyncio.timeout(5):
+            scored = await scorer.predict("ranker", entities)
+        assert scored.scores.shape == (3,) and scored.timings.model > 0
+        waiting = asyncio.create_task(scorer.predict("unbatched", entities))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # it waits for the inference thread
+    finally:
+        release.set()
+        await busy
+    assert (await waiting).scores.tolist() == scored.scores.tolist()

@@ -269,7 +269,7 @@ async def test_rotated_certificate_files_serve_new_connections_without_a_restart
             assert await health_over_tls(port, pki.ca) >= 0  # the previous certificate stays
             assert await health_over_tls(port, pki.ca) >= 0
         assert [r.getMessage() for r in caplog.records if "keeping the current TLS certificate" in r.getMessage()]
-        assert len(caplog.records) == 1  # once, not per handshake
+        assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1  # once, not per handshake
         key.write_bytes(new.private_key_pem.bytes())  # the rotation completes
 
         assert await health_over_tls(port, other.ca) >= 0  # new connections: the new certificate

@@ -1,9 +1,11 @@
 """MicroBatcher's contract, on a real event loop with stages that record and can be held.
 
-Batches close at max_rows / max_requests, or max_wait_us after their first call; the
-fetch of batch n+1 runs while batch n is scored, and the hand-off holds one batch; a stage
-that raises fails its own batch only; close() fails what waits with Unavailable, and
-drain_and_close() finishes it first.
+A call that finds the batcher idle runs both stages in its own task (the direct path: no
+loop task, no queue time); calls that overlap it queue and are coalesced. Batches close at
+max_rows / max_requests, or max_wait_us after their first call; the fetch of batch n+1
+runs while batch n is scored, and the hand-off holds one batch; a stage that raises fails
+its own batch only; close() fails what waits with Unavailable, and drain_and_close()
+finishes it first.
 
 Stages are held at gates (events) instead of sleeps, so the order of events is exact; the
 few wall-clock bounds are loose (a shared 2-core machine).
@@ -197,30 +199,121 @@ async def test_max_wait_keeps_a_batch_open_that_long_after_its_first_call_and_no
 ) -> None:
     wait_s = 0.2
     batcher, stages = make_batcher(max_wait_us=int(wait_s * 1e6), max_requests=1000)
+    stages.hold("score", "plug")  # a direct call keeps the model busy: the rest must queue
+    tasks = await submitted(batcher, items("plug"))
+    await stages.started("score", "plug")
     calls: list[Item] = []
-    tasks: list[asyncio.Task[Any]] = []
     deadline = time.perf_counter() + 1.0  # a steady stream of calls for longer than the wait
     while time.perf_counter() < deadline:
         call = Item(f"c{len(calls)}")
         calls.append(call)
         tasks.append(asyncio.create_task(batcher.submit(call)))
         await asyncio.sleep(0.02)
+    stages.release("score", "plug")
     await results(tasks)
-    first = stages.batches["fetch"][0]
+    first = stages.batches["fetch"][1]
     assert len(first) > 1  # it waited for company
     lingered_s = calls[0].dequeued - calls[0].enqueued
     assert lingered_s >= wait_s  # exact: both are perf_counter readings of the batcher
     # Closed by its first call's clock, not kept open while calls keep coming (1 s of them).
     assert lingered_s < wait_s + 0.5
-    assert len(stages.batches["fetch"]) >= 2
+    assert len(stages.batches["fetch"]) >= 3
 
 
 async def test_max_wait_ends_early_when_the_batch_is_full(
     make_batcher: Callable[..., tuple[Batcher, Stages]],
 ) -> None:
     batcher, stages = make_batcher(max_wait_us=60_000_000, max_requests=2)
-    assert await results(batcher.submit(item) for item in items("a", "b")) == ["a scored", "b scored"]
-    assert stages.batches["fetch"] == [["a", "b"]]  # within WAIT_S, not after a minute
+    stages.hold("score", "plug")
+    tasks = await submitted(batcher, items("plug"))
+    await stages.started("score", "plug")
+    tasks += await submitted(batcher, items("a", "b"))
+    await stages.started("fetch", "a")  # within WAIT_S, not after a minute
+    stages.release("score", "plug")
+    assert await results(tasks) == ["plug scored", "a scored", "b scored"]
+    assert stages.batches["fetch"] == [["plug"], ["a", "b"]]
+
+
+async def test_an_idle_batcher_runs_a_call_at_once_in_the_callers_task(
+    make_batcher: Callable[..., tuple[Batcher, Stages]],
+) -> None:
+    batcher, stages = make_batcher(max_wait_us=1_000_000)  # a wait applies to queued calls only
+    started = time.perf_counter()
+    for name in "abc":  # one after the other: each finds the batcher idle
+        (item,) = items(name)
+        assert await batcher.submit(item) == f"{name} scored"
+        assert item.dequeued == item.enqueued  # no queue time at all
+    assert time.perf_counter() - started < 0.5  # never waited a second for company
+    assert stages.batches["fetch"] == stages.batches["score"] == [["a"], ["b"], ["c"]]
+    assert (batcher.direct_calls, batcher.batched_calls) == (3, 0)
+    assert batcher._tasks == []  # no loop task was needed
+
+
+async def test_calls_that_overlap_a_direct_call_are_coalesced(
+    make_batcher: Callable[..., tuple[Batcher, Stages]],
+) -> None:
+    batcher, stages = make_batcher()
+    stages.hold("fetch", "a")
+    tasks = await submitted(batcher, items("a"))
+    await stages.started("fetch", "a")
+    tasks += await submitted(batcher, items("b", "c", "d"))
+    await asyncio.sleep(0.02)
+    assert stages.batches["fetch"] == [["a"]]  # the fetch stage is a's until it is done
+    stages.release("fetch", "a")
+    assert await results(tasks) == [f"{name} scored" for name in "abcd"]
+    assert stages.batches["fetch"] == stages.batches["score"] == [["a"], ["b", "c", "d"]]
+    assert (batcher.direct_calls, batcher.batched_calls) == (1, 3)
+    (e,) = items("e")
+    assert await results([batcher.submit(e)]) == ["e scored"]  # idle again: direct
+    assert batcher.direct_calls == 2
+
+
+async def test_a_batch_never_reaches_the_model_while_a_direct_call_runs_it(
+    make_batcher: Callable[..., tuple[Batcher, Stages]],
+) -> None:
+    batcher, stages = make_batcher()
+    stages.hold("score", "plug")
+    tasks = await submitted(batcher, items("plug"))
+    await stages.started("score", "plug")
+    tasks += await submitted(batcher, items("x"))  # starts the loops
+    stages.release("score", "plug")
+    assert await results(tasks) == ["plug scored", "x scored"]  # idle, the score loop waiting for work
+    stages.hold("score", "a")
+    tasks = await submitted(batcher, items("a"))  # direct
+    await stages.started("score", "a")
+    tasks += await submitted(batcher, items("b"))  # fetched and handed to the waiting score loop
+    await stages.started("fetch", "b")
+    await asyncio.sleep(0.02)
+    assert stages.batches["score"] == [["plug"], ["x"], ["a"]]  # b waits for a's model run
+    stages.release("score", "a")
+    assert await results(tasks) == ["a scored", "b scored"]
+    assert stages.batches["score"][-2:] == [["a"], ["b"]]
+
+
+@pytest.mark.parametrize("stage", ["fetch", "score"])
+async def test_a_direct_call_whose_stage_raises_fails_alone(
+    make_batcher: Callable[..., tuple[Batcher, Stages]], stage: str
+) -> None:
+    batcher, stages = make_batcher()
+    error = RuntimeError(f"{stage} broke")
+    stages.fail(stage, "a", error)
+    assert await results([batcher.submit(Item("a"))]) == [error]
+    assert await results([batcher.submit(Item("b"))]) == ["b scored"]
+    assert batcher.direct_calls == 2
+
+
+async def test_a_direct_caller_that_gives_up_leaves_the_batcher_idle(
+    make_batcher: Callable[..., tuple[Batcher, Stages]],
+) -> None:
+    batcher, stages = make_batcher()
+    stages.hold("score", "a")
+    (a,) = items("a")
+    task = asyncio.create_task(batcher.submit(a))
+    await stages.started("score", "a")
+    task.cancel()  # its deadline passed during the model run
+    assert isinstance((await results([task]))[0], asyncio.CancelledError)
+    assert await results([batcher.submit(Item("b"))]) == ["b scored"]
+    assert batcher.direct_calls == 2  # b found the batcher idle
 
 
 async def test_the_next_batch_is_fetched_while_the_model_scores_and_one_waits_in_the_hand_off(
@@ -294,7 +387,7 @@ async def test_an_item_whose_caller_gave_up_is_skipped(make_batcher: Callable[..
 
 
 async def pipeline_full(batcher: Batcher, stages: Stages) -> list[asyncio.Task[Any]]:
-    """Calls in every place: a scoring, b in the hand-off, c fetching, d queued (all held)."""
+    """Calls in every place: a scoring (direct), b in the hand-off, c fetching, d queued (all held)."""
     stages.hold("score", "a")
     stages.hold("fetch", "c")
     tasks = await submitted(batcher, items("a"))
@@ -314,6 +407,7 @@ async def test_close_fails_every_waiting_item_with_unavailable(
     tasks = await pipeline_full(batcher, stages)
     async with asyncio.timeout(WAIT_S):
         await batcher.close()
+    stages.release("score", "a")  # the direct call finishes its model run, then fails too
     outcome = await results(tasks)
     assert [type(o) for o in outcome] == [Unavailable] * 4, outcome
     assert stages.batches["score"] == [["a"]]  # nothing ran after close
@@ -334,6 +428,7 @@ async def test_close_fails_a_fetched_batch_waiting_for_the_hand_off(
     await stages.started("fetch", "c")
     await asyncio.sleep(0.01)
     await batcher.close()
+    stages.release("score", "a")
     async with asyncio.timeout(1.0):
         outcome = await asyncio.gather(*tasks, return_exceptions=True)
     assert [type(o) for o in outcome] == [Unavailable] * 3
@@ -372,8 +467,12 @@ async def test_drain_and_close_returns_when_the_queued_callers_gave_up(
     make_batcher: Callable[..., tuple[Batcher, Stages]],
 ) -> None:
     batcher, stages = make_batcher(max_wait_us=100_000)
-    tasks = await submitted(batcher, items("a"))  # lingers 0.1 s for company
-    tasks[0].cancel()
+    stages.hold("score", "plug")
+    tasks = await submitted(batcher, items("plug"))
+    await stages.started("score", "plug")
+    tasks += await submitted(batcher, items("a"))  # queued: lingers 0.1 s for company
+    tasks[1].cancel()
+    stages.release("score", "plug")
     async with asyncio.timeout(1.0):
         await batcher.drain_and_close()
-    assert stages.batches["fetch"] == []
+    assert stages.batches["fetch"] == [["plug"]]
