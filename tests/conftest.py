@@ -196,3 +196,24 @@ def _root_logger_restored() -> Iterator[None]:
     root.setLevel(level)
     for handler in [h for h in root.handlers if h not in handlers]:
         root.removeHandler(handler)
+
+
+@pytest.fixture
+def flushed_dbs(redis_url: str) -> Iterator[Callable[..., tuple[str, ...]]]:
+    """A factory: URLs of the test Redis's logical databases by number, each flushed now
+    and again after the test (tests that compare whole runs side by side use them)."""
+    import redis as sync_redis
+
+    clients: list[sync_redis.Redis] = []
+
+    def make(*numbers: int) -> tuple[str, ...]:
+        urls = tuple(redis_url.rsplit("/", 1)[0] + f"/{n}" for n in numbers)
+        for url in urls:
+            clients.append(client := sync_redis.Redis.from_url(url))
+            client.flushdb()
+        return urls
+
+    yield make
+    for client in clients:
+        client.flushdb()
+        client.close()

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
@@ -63,21 +63,10 @@ async def generated(pg_dsn: str, registry: Registry, generator: ModuleType) -> d
     return now  # type: ignore[no-any-return]
 
 
-def _db_url(redis_url: str, db: int) -> str:
-    return redis_url.rsplit("/", 1)[0] + f"/{db}"
-
-
 @pytest.fixture
-def scratch_dbs(redis_url: str) -> Iterator[tuple[str, str]]:
+def scratch_dbs(flushed_dbs: Callable[..., tuple[str, ...]]) -> tuple[str, ...]:
     """Two more flushed logical databases (1 and 2), flushed again afterwards."""
-    urls = (_db_url(redis_url, 1), _db_url(redis_url, 2))
-    clients = [redis.Redis.from_url(u) for u in urls]
-    for c in clients:
-        c.flushdb()
-    yield urls
-    for c in clients:
-        c.flushdb()
-        c.close()
+    return flushed_dbs(1, 2)
 
 
 def _settings(feature_repo: Path, redis_url: str, pg_dsn: str, **kw: Any) -> Settings:

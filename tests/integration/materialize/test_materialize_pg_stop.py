@@ -17,7 +17,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -45,17 +45,9 @@ def own_pg() -> Iterator[EmbeddedPostgres]:
 
 
 @pytest.fixture
-def two_dbs(redis_url: str) -> Iterator[tuple[str, str]]:
+def two_dbs(flushed_dbs: Callable[..., tuple[str, ...]]) -> tuple[str, ...]:
     """Logical databases 3 and 4 of the test Redis, flushed before and after."""
-    base = redis_url.rsplit("/", 1)[0]
-    urls = (f"{base}/3", f"{base}/4")
-    clients = [redis.Redis.from_url(u) for u in urls]
-    for c in clients:
-        c.flushdb()
-    yield urls
-    for c in clients:
-        c.flushdb()
-        c.close()
+    return flushed_dbs(3, 4)
 
 
 def dump(url: str) -> dict[bytes, bytes]:

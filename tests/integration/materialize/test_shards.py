@@ -13,7 +13,7 @@ import itertools
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import ModuleType
@@ -22,7 +22,6 @@ from typing import Any
 import asyncpg
 import numpy as np
 import pytest
-import redis
 import redis.asyncio as aioredis
 
 from featurestore.errors import InvalidArgument, LockHeld
@@ -53,21 +52,10 @@ async def generated(pg_dsn: str, registry: Registry, generator: ModuleType) -> d
     return now
 
 
-def _db(redis_url: str, db: int) -> str:
-    return redis_url.rsplit("/", 1)[0] + f"/{db}"
-
-
 @pytest.fixture
-def two_dbs(redis_url: str) -> Iterator[tuple[str, str]]:
+def two_dbs(flushed_dbs: Callable[..., tuple[str, ...]]) -> tuple[str, ...]:
     """Two flushed logical databases (3 and 4), flushed again afterwards."""
-    urls = (_db(redis_url, 3), _db(redis_url, 4))
-    clients = [redis.Redis.from_url(u) for u in urls]
-    for c in clients:
-        c.flushdb()
-    yield urls
-    for c in clients:
-        c.flushdb()
-        c.close()
+    return flushed_dbs(3, 4)
 
 
 def _settings(repo: Path, url: str, dsn: str, shard: Shard | None = None, **kw: Any) -> Settings:
