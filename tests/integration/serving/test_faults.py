@@ -214,6 +214,11 @@ async def test_the_callers_deadline_bounds_the_redis_read_and_the_model(
         assert result.values("clicks_1h").tolist() == [CLICKS] * len(USERS)
     await pauser.aclose()
     for method in ("GetOnlineFeatures", "Predict"):
-        assert served.metric("featurestore_requests_total", method=method, code="DEADLINE_EXCEEDED") == 1, method
+        # grpc may cancel the handler at the deadline before it reports it: either name counts
+        ended = [
+            served.metric("featurestore_requests_total", method=method, code=c)
+            for c in ("DEADLINE_EXCEEDED", "CANCELLED")
+        ]
+        assert sum(ended) == 1, (method, ended)
         assert served.metric("featurestore_requests_total", method=method, code="UNAVAILABLE") == 0, method
     assert_clean_log(served)
