@@ -91,10 +91,16 @@ def _call(name: str, cmd: list[str], env: dict[str, str], log_path: Path, cwd: P
     with log_path.open("a") as log:
         log.write(f"==> {name}: {' '.join(cmd)}\n")
         log.flush()
-        done = subprocess.run(cmd, cwd=cwd, env=env, stderr=log)
-    if done.returncode != 0:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stderr=log)
+        try:
+            returncode = proc.wait()
+        finally:  # Ctrl-C: the step is killed and reaped, not left to whoever adopts an orphan
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if returncode != 0:
         raise ConfigError(
-            f"{name} failed (exit {done.returncode}): {_last_line(log_path) or 'no error output'}; see {log_path}"
+            f"{name} failed (exit {returncode}): {_last_line(log_path) or 'no error output'}; see {log_path}"
         )
 
 
