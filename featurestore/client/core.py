@@ -227,53 +227,60 @@ class OnlineFeatures:
     """The result of one lookup: a numpy array and a status array per feature.
 
     Columns are found by their name in the response (`names`), or as "view:feature".
-    Values of rows whose status is not PRESENT (1) are zeros or empty.
+    Values of rows whose status is not PRESENT (1) are zeros or empty. Each column is
+    turned into arrays on first access (`values`, `statuses`, `to_dict`) and kept: the
+    arrays of fixed-width columns are views of the response's bytes, so a caller that
+    reads five of fifty features pays for five.
     """
 
-    __slots__ = ("_by_name", "_response", "_ts", "_values", "names", "rows", "views")
+    __slots__ = ("_by_name", "_columns", "_response", "_ts", "_values", "names", "rows", "views")
 
     def __init__(self, response: pb.GetOnlineFeaturesResponse) -> None:
         self._response = response
-        self.rows = n = response.row_count
-        self.views = tuple(v.view for v in response.views)
-        self._ts = {v.view: np.frombuffer(v.event_timestamps_us, dtype="<i8") for v in response.views}
-        # One pass, few attribute reads per column: this loop is the client's hot path.
-        values: list[tuple[npt.NDArray[Any], npt.NDArray[np.uint8]]] = []
-        names = []
-        frombuffer, u8 = np.frombuffer, np.uint8
-        for col in response.columns:
-            names.append(col.name)
-            vt, length = col.value_type, col.length
-            dtype = _FIXED.get(vt)
-            if dtype is not None and (length or vt not in _LISTS):
-                array = frombuffer(col.values, dtype=dtype)
-                if length:
-                    array = array.reshape(n, length)
-            else:
-                array = _var_column(col, vt, dtype, n)
-            values.append((array, frombuffer(col.statuses, dtype=u8)))
-        self._values = values
-        self.names = tuple(names)
+        self.rows = response.row_count
+        self._columns = columns = response.columns
+        self.names = names = tuple([col.name for col in columns])
         self._by_name = {name: i for i, name in enumerate(names)}
+        self._values: list[tuple[npt.NDArray[Any], npt.NDArray[np.uint8]] | None] = [None] * len(names)
+        self._ts: dict[str, npt.NDArray[np.int64]] | None = None
+        self.views = tuple([v.view for v in response.views])
 
     def values(self, name: str) -> npt.NDArray[Any]:
         """The values of feature `name`: (rows,) or (rows, length) for fixed-length lists."""
-        return self._values[self._index(name)][0]
+        return self._column(self._index(name))[0]
 
     def statuses(self, name: str) -> npt.NDArray[np.uint8]:
         """Feast FieldStatus per row: 1 PRESENT, 2 NULL_VALUE, 3 NOT_FOUND, 4 OUTSIDE_MAX_AGE."""
-        return self._values[self._index(name)][1]
+        return self._column(self._index(name))[1]
 
     def event_timestamps(self, view: str) -> npt.NDArray[np.int64]:
         """Event time of each row of `view`, int64 microseconds since the epoch (0: none)."""
+        if self._ts is None:
+            self._ts = {v.view: np.frombuffer(v.event_timestamps_us, dtype="<i8") for v in self._response.views}
         return self._ts[view]
 
     def to_dict(self) -> dict[str, npt.NDArray[Any]]:
         """Column name -> values."""
-        return {name: v for name, (v, _) in zip(self.names, self._values, strict=True)}
+        return {name: self._column(i)[0] for i, name in enumerate(self.names)}
 
     def __getitem__(self, name: str) -> npt.NDArray[Any]:
         return self.values(name)
+
+    def _column(self, i: int) -> tuple[npt.NDArray[Any], npt.NDArray[np.uint8]]:
+        """Column i's (values, statuses), decoded on first use."""
+        done = self._values[i]
+        if done is None:
+            col, n = self._columns[i], self.rows
+            vt, length = col.value_type, col.length
+            dtype = _FIXED.get(vt)
+            if dtype is not None and (length or vt not in _LISTS):
+                array = np.frombuffer(col.values, dtype=dtype)
+                if length:
+                    array = array.reshape(n, length)
+            else:
+                array = _var_column(col, vt, dtype, n)
+            done = self._values[i] = (array, np.frombuffer(col.statuses, dtype=np.uint8))
+        return done
 
     def _index(self, name: str) -> int:
         index = self._by_name.get(name)
