@@ -36,11 +36,33 @@
 
 Label children are bound once at import: `labels()` on the hot path costs a dict lookup
 and a lock each call.
+
+Values live in the process (each worker its own; worker 0 serves /metrics). Importing
+Feast sets PROMETHEUS_MULTIPROC_DIR (and PROMETHEUS_MULTIPROCESS_DIR) to a fresh
+`feast_metrics_*` temporary folder, and every process started by one that imported Feast
+inherits it: prometheus_client would then keep each value in an mmap file there, three
+times slower per observation (1.7 against 0.6 us, timeit) and files left behind. So a
+folder of that name is dropped from the environment before prometheus_client is
+imported; a PROMETHEUS_MULTIPROC_DIR of the operator's own is left alone.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import os
+import sys
+
+
+def _drop_feasts_multiprocess_dir() -> None:
+    if "prometheus_client" in sys.modules:
+        return  # too late to matter: its value class is chosen at its import
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir", "PROMETHEUS_MULTIPROCESS_DIR"):
+        if os.path.basename(os.environ.get(name, "").rstrip("/")).startswith("feast_metrics_"):
+            del os.environ[name]
+
+
+_drop_feasts_multiprocess_dir()
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server  # noqa: E402
 
 __all__ = [
     "CACHE_BYTES",
