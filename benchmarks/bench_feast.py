@@ -49,6 +49,7 @@ from typing import Any
 import feast_report
 import psutil
 import redis
+from bench_lookup import serve_command
 
 from featurestore.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from featurestore.registry import load_registry
@@ -303,24 +304,9 @@ def lookups(
         "iterations": args.iterations,
     }
     port, echo_port = free_port(), free_port()
-    serve = [
-        str(BIN / "featurestore"),
-        "serve",
-        "--repo",
-        str(repo),
-        "--redis",
-        rds.url,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        str(args.workers),
-        "--registry-refresh-s",
-        "0",
-        "--cache-bytes",
-        "0",
-    ]  # no hot-key cache: bench_hotcache's
+    # The same server command as bench_lookup (no registry or index refresh, no hot-key
+    # cache), so the two harnesses measure one configuration.
+    serve = serve_command(repo, rds.url, port, "--workers", str(args.workers))
     echo = [sys.executable, str(HERE / "echo_server.py"), str(echo_port)]
     out: dict[str, Any] = {"variants": {}}
     with serving(serve, env, port, ROOT), serving(echo, env, echo_port, ROOT):

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from featurestore import decode as decode_module
 from featurestore.decode import NOT_FOUND, NULL_VALUE, OUTSIDE_MAX_AGE, PRESENT, RequestPlan, decode
 from featurestore.errors import InvalidArgument, NotFound
 from featurestore.lookup import Lookup
@@ -202,3 +203,22 @@ def test_plans_are_cached_and_dropped_on_registry_swap() -> None:
     assert lookup.plan(["typed:i64"]) is not plan
     with pytest.raises(NotFound):
         lookup.plan(["typed:f32"])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 40])
+def test_the_small_batch_walk_of_variable_width_values_equals_the_vectorised_gather(
+    n: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(n)
+    ts = np.full(n, NOW_US - 10_000_000)
+    nulls = {"s": np.arange(n) % 3 == 0, "ids": np.arange(n) % 2 == 1}
+    typed: list[bytes | None] = list(encode_rows(TYPED.layout, ts, sample_columns(n, rng), nulls))
+    typed[0] = None  # missing: an empty row of its view, every length 0
+    small = encode_rows(SMALL.layout, ts, {"a": np.arange(n), "s": [f"s{i}" * i for i in range(n)]})
+    plan = RequestPlan(REGISTRY.resolve(["typed", "small:s", "small:a"]), True)
+    monkeypatch.setattr(decode_module, "SMALL_VAR_VALUES", 10**9)  # always the walk
+    walked = decode(plan, [*typed, *small], n, NOW_US)
+    monkeypatch.setattr(decode_module, "SMALL_VAR_VALUES", -1)  # always the vectorised gather
+    gathered = decode(plan, [*typed, *small], n, NOW_US)
+    assert walked.values == gathered.values and walked.offsets == gathered.offsets
+    assert walked.statuses == gathered.statuses
