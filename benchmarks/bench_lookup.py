@@ -8,7 +8,10 @@ feature server in its own process and measures from this process, with the Pytho
 AsyncClient: 1, 100 and 1,000 entities x 50 features (user_profile 24 + user_activity 23
 + 3 of item_stats: three views, so 3 keys per entity), sequential and with 8/32/64 calls
 in flight. Floors, same run: a bare grpc.aio echo (own process) returning as many bytes
-as the lookup's response, and a redis.asyncio MGET of the same keys.
+as the lookup's response, and a redis.asyncio MGET of the same keys; floor = echo + MGET.
+Beside them: the same echo on the classic threaded `grpc.server` (is it the faster
+server here?), and the lookup followed by `to_dict()` (the client turns every column into
+arrays; a plain lookup decodes a column on first access).
 """
 
 from __future__ import annotations
@@ -168,9 +171,14 @@ def mget_keys(registry: Registry, ents: dict[str, Any]) -> list[bytes]:
 
 
 async def measure_size(
-    args: argparse.Namespace, registry: Registry, server_port: int, echo_port: int, redis_url: str, n: int
+    args: argparse.Namespace,
+    registry: Registry,
+    server_port: int,
+    echo_ports: tuple[int, int],
+    redis_url: str,
+    n: int,
 ) -> dict[str, Any]:
-    """Lookup, echo floor and MGET floor for `n` entities; sequential latencies."""
+    """Lookup, echo floors (grpc.aio, threaded grpc.server) and MGET floor for `n` entities; sequential latencies."""
     rng = np.random.default_rng(n)
     ents = entities(registry, n, args.users, rng)
     iterations = args.iterations if n <= 100 else max(args.iterations // 5, 200)
@@ -178,13 +186,17 @@ async def measure_size(
     async with (
         AsyncClient(target) as client,
         aio.insecure_channel(
-            f"127.0.0.1:{echo_port}", options=[("grpc.max_receive_message_length", -1)]
+            f"127.0.0.1:{echo_ports[0]}", options=[("grpc.max_receive_message_length", -1)]
         ) as echo_channel,
+        aio.insecure_channel(
+            f"127.0.0.1:{echo_ports[1]}", options=[("grpc.max_receive_message_length", -1)]
+        ) as threaded_channel,
     ):
         request = online_features_request(ents, FEATURES, False)
         stub_response = await client._stub.GetOnlineFeatures(request)
         sizes = (request.ByteSize(), stub_response.ByteSize())
         echo = echo_channel.unary_unary("/bench.Echo/Echo")
+        threaded_echo = threaded_channel.unary_unary("/bench.Echo/Echo")
         payload = sizes[1].to_bytes(8, "little") + bytes(max(sizes[0] - 8, 0))
         redis = aioredis.Redis.from_url(redis_url)
         row_keys = mget_keys(registry, ents)
@@ -192,15 +204,25 @@ async def measure_size(
         async def lookup() -> Any:
             return await client.get_online_features(ents, FEATURES)
 
+        async def lookup_to_dict() -> Any:
+            return (await client.get_online_features(ents, FEATURES)).to_dict()
+
         async def echo_call() -> Any:
             return await echo(payload)
+
+        async def threaded_echo_call() -> Any:
+            return await threaded_echo(payload)
 
         async def mget_call() -> Any:
             return await redis.mget(row_keys)
 
         stats = {
             "lookup": await latency(f"lookup {n}x50", lookup, iterations=iterations),
+            "lookup_to_dict": await latency(f"lookup {n}x50 + to_dict()", lookup_to_dict, iterations=iterations),
             "echo": await latency(f"echo {sizes[1]} B", echo_call, iterations=iterations),
+            "threaded_echo": await latency(
+                f"echo {sizes[1]} B, threaded grpc.server", threaded_echo_call, iterations=iterations
+            ),
             "mget": await latency(f"MGET {len(row_keys)} keys", mget_call, iterations=iterations),
         }
         rates = {}
@@ -218,7 +240,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         s: dict[str, Stats] = r["stats"]
         floor_p50 = s["echo"].p50_ms + s["mget"].p50_ms
         floor_p99 = s["echo"].p99_ms + s["mget"].p99_ms
-        for key in ("lookup", "echo", "mget"):
+        for key in ("lookup", "lookup_to_dict", "echo", "threaded_echo", "mget"):
             rows.append(
                 {"name": s[key].name, "p50 ms": s[key].p50_ms, "p99 ms": s[key].p99_ms, "p99.9 ms": s[key].p999_ms}
             )
@@ -241,12 +263,18 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 async def run(args: argparse.Namespace) -> None:
     async with populated_store("lookup", args.users) as (repo, registry, url):
-        port, echo_port = free_port(), free_port()
+        port, echo_port, threaded_port = free_port(), free_port(), free_port()
         echo = [sys.executable, str(Path(__file__).parent / "echo_server.py"), str(echo_port)]
-        with process(serve_command(repo, url, port), port), process(echo, echo_port):
+        threaded = [sys.executable, str(Path(__file__).parent / "echo_server.py"), str(threaded_port), "--threaded"]
+        with (
+            process(serve_command(repo, url, port), port),
+            process(echo, echo_port),
+            process(threaded, threaded_port),
+        ):
             async with AsyncClient(f"127.0.0.1:{port}") as client:
                 await client.wait_until_serving(60)
-            results = [await measure_size(args, registry, port, echo_port, url, n) for n in args.entities]
+            ports = (echo_port, threaded_port)
+            results = [await measure_size(args, registry, port, ports, url, n) for n in args.entities]
     rows = summarize(results)
     print_table(rows, ["name", "p50 ms", "p99 ms", "p99.9 ms"])
     for r in results:
