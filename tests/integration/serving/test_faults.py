@@ -106,7 +106,9 @@ async def test_redis_killed_and_restarted_under_load(
     assert max(o.seconds for o in outcomes) < 1.5  # nothing hangs (the Redis timeout is 1 s)
     down = during(outcomes, marks["killed"] + 0.05, marks["back"])
     fast = sorted(o.seconds for o in down)
-    assert fast and fast[int(len(fast) * 0.99)] < 0.05, fast[-10:]
+    # Failing fast, not after the 1 s Redis timeout: half of it leaves room for a shared,
+    # loaded machine (the figure itself, a few ms here, is printed below, not asserted).
+    assert fast and fast[int(len(fast) * 0.99)] < 0.5, fast[-10:]
     recovered = min(o.start + o.seconds for o in outcomes if o.what == "values" and o.start >= marks["rewritten"])
     recovery_s = recovered - marks["rewritten"]
     assert recovery_s < COOLDOWN_S + 0.5
