@@ -2,6 +2,6 @@
 
 import sys
 
-from featurestore.cli.main import main
+from featurestore.cli import featurestore
 
-sys.exit(main())
+sys.exit(featurestore())

@@ -22,12 +22,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NoReturn
 
+from featurestore.cli import INTERRUPTED
 from featurestore.config import redact_text
 from featurestore.errors import FeatureStoreError
 
 __all__ = ["INTERRUPTED", "OneLineParser", "RedactingFormatter", "configure_logging", "describe", "print_line"]
-
-INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
 
 
 class OneLineParser(argparse.ArgumentParser):

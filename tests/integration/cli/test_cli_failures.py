@@ -251,3 +251,29 @@ def test_ctrl_c_of_materialize_is_one_line(
     out, err = proc.communicate(timeout=60)
     line = one_line(subprocess.CompletedProcess(proc.args, proc.returncode, out, err), 130)
     assert line == "featurestore-materialize: interrupted; watermarks did not move"
+
+
+def _when_loaded(pid: int, library: str, timeout_s: float = 20.0) -> bool:
+    """Wait until process `pid` has mapped a shared library whose path holds `library`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if library in Path(f"/proc/{pid}/maps").read_text():
+                return True
+        time.sleep(0.001)
+    return False
+
+
+@pytest.mark.parametrize("command", [FEATURESTORE, MATERIALIZE])
+@pytest.mark.parametrize("after_s", [0.0, 0.03, 0.1])
+def test_ctrl_c_while_the_command_imports_is_one_line(command: str, after_s: float) -> None:
+    """SIGINT once gRPC's extension is loaded (the command is importing its modules: the
+    window before main() used to end in a traceback), and a little later."""
+    proc = subprocess.Popen([command, "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert _when_loaded(proc.pid, "cygrpc")
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+    if proc.returncode != 0:  # else --help was printed before the signal came
+        assert one_line(done, 130).endswith("interrupted")

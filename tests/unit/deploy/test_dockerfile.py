@@ -33,7 +33,7 @@ def test_every_stage_starts_from_python_3_11_slim() -> None:
 def test_the_image_runs_featurestore_serve_as_its_console_script() -> None:
     assert entrypoint() == ["featurestore", "serve"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["featurestore"] == "featurestore.cli.main:main"
+    assert scripts["featurestore"] == "featurestore.cli:featurestore"
     assert "featurestore-materialize" in scripts  # the jobs' command
 
 
