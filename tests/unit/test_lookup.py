@@ -6,17 +6,17 @@ every type, with nulls, missing rows, rows of another schema and expired rows.
 
 from __future__ import annotations
 
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import pytest
+from registries import make_registry, make_view
 
 from featurestore import decode as decode_module
 from featurestore.decode import NOT_FOUND, NULL_VALUE, OUTSIDE_MAX_AGE, PRESENT, RequestPlan, decode
 from featurestore.errors import InvalidArgument, NotFound
 from featurestore.lookup import Lookup
-from featurestore.registry import JoinKey, Registry, ViewDef
+from featurestore.registry import JoinKey
 from featurestore.store.layout import DType, FeatureSpec, Layout, decode_rows, encode_rows
 
 NOW_US = 1_700_000_000_000_000
@@ -39,23 +39,10 @@ ALL_TYPES = (
 )
 
 
-def make_view(name: str, specs: tuple[FeatureSpec, ...], key: JoinKey, ttl_s: float) -> ViewDef:
-    return ViewDef(name, (key,), ttl_s, Layout(name, specs), name, "event_timestamp", "", None)
-
-
-def make_registry(*views: ViewDef, services: dict[str, Any] | None = None) -> Registry:
-    return Registry(
-        "proj",
-        MappingProxyType({v.name: v for v in views}),
-        MappingProxyType(services or {}),
-        "fp-" + "-".join(str(v.layout.schema_id) for v in views),
-    )
-
-
 USER = JoinKey("user_id", DType.INT64)
 ITEM = JoinKey("item_sku", DType.STRING)
-TYPED = make_view("typed", ALL_TYPES, USER, ttl_s=3600)
-SMALL = make_view("small", (FeatureSpec("a", DType.INT64), FeatureSpec("s", DType.STRING)), ITEM, ttl_s=0)
+TYPED = make_view("typed", USER, 3600, *ALL_TYPES)
+SMALL = make_view("small", ITEM, 0, FeatureSpec("a", DType.INT64), FeatureSpec("s", DType.STRING))
 REGISTRY = make_registry(TYPED, SMALL, services={"svc": (("small", ("a",)), ("typed", ("i64",)))})
 
 
@@ -198,7 +185,7 @@ def test_plans_are_cached_and_dropped_on_registry_swap() -> None:
     plan = lookup.plan(["typed:i64"])
     assert lookup.plan(["typed:i64"]) is plan
     assert not lookup.swap(REGISTRY)
-    changed = make_registry(make_view("typed", ALL_TYPES[:3], USER, ttl_s=0))
+    changed = make_registry(make_view("typed", USER, 0, *ALL_TYPES[:3]))
     assert lookup.swap(changed)
     assert lookup.plan(["typed:i64"]) is not plan
     with pytest.raises(NotFound):

@@ -15,35 +15,25 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import MappingProxyType
 
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
 from onnx import TensorProto, helper
+from registries import float_features, int_key, make_registry, make_view
 
 from featurestore.inference.runtime import ModelRegistry
 from featurestore.inference.scoring import Scorer
 from featurestore.lookup import Lookup
-from featurestore.registry import JoinKey, Registry, ViewDef
 from featurestore.store import keys
-from featurestore.store.layout import DType, FeatureSpec, Layout, encode_rows
+from featurestore.store.layout import encode_rows
 from featurestore.store.pipe import RedisPipe
 
 PROJECT = "hotswap"
 WIDTH, ITEMS, IN_FLIGHT = 4, 200, 8
 POLL_S = 0.05
-VIEW = ViewDef(
-    "item_stats",
-    (JoinKey("item_id", DType.INT64),),
-    0,
-    Layout("item_stats", tuple(FeatureSpec(f"f{k}", DType.FLOAT32) for k in range(WIDTH))),
-    "item_stats",
-    "event_timestamp",
-    "",
-    None,
-)
-REGISTRY = Registry(PROJECT, MappingProxyType({VIEW.name: VIEW}), MappingProxyType({}), "hotswap-1")
+VIEW = make_view("item_stats", int_key("item_id"), 0, *float_features(WIDTH))
+REGISTRY = make_registry(VIEW, project=PROJECT)
 MODELS = """
 models:
   swap:

@@ -13,7 +13,6 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ import onnxruntime as ort
 import pytest
 import redis.asyncio as aioredis
 from onnx import TensorProto, helper
+from registries import int_key, make_registry, make_view
 
 from featurestore.decode import NOT_FOUND, NULL_VALUE, OUTSIDE_MAX_AGE, PRESENT
 from featurestore.errors import DeadlineExceeded, InvalidArgument, MissingFeature
@@ -29,22 +29,18 @@ from featurestore.inference.models import ModelSpec
 from featurestore.inference.runtime import ModelRegistry
 from featurestore.inference.scoring import Scorer
 from featurestore.lookup import Lookup
-from featurestore.registry import JoinKey, Registry, ViewDef
+from featurestore.registry import ViewDef
 from featurestore.store import keys
-from featurestore.store.layout import DType, FeatureSpec, Layout, encode_rows
+from featurestore.store.layout import DType, FeatureSpec, encode_rows
 from featurestore.store.pipe import RedisPipe
 
 PROJECT = "scoring"
 HOUR_US = 3600 * 1_000_000
 
 
-def make_view(name: str, key: str, ttl_s: float, *specs: FeatureSpec) -> ViewDef:
-    return ViewDef(name, (JoinKey(key, DType.INT64),), ttl_s, Layout(name, specs), name, "event_timestamp", "", None)
-
-
 USER_VIEW = make_view(
     "user_profile",
-    "user_id",
+    int_key("user_id"),
     0,
     FeatureSpec("age", DType.INT32),
     FeatureSpec("country", DType.STRING),
@@ -52,18 +48,13 @@ USER_VIEW = make_view(
 )
 ITEM_VIEW = make_view(
     "item_stats",
-    "item_id",
+    int_key("item_id"),
     3600,
     FeatureSpec("price", DType.FLOAT32),
     FeatureSpec("category", DType.STRING),
     FeatureSpec("stock", DType.INT64),
 )
-REGISTRY = Registry(
-    PROJECT,
-    MappingProxyType({USER_VIEW.name: USER_VIEW, ITEM_VIEW.name: ITEM_VIEW}),
-    MappingProxyType({}),
-    "scoring-1",
-)
+REGISTRY = make_registry(USER_VIEW, ITEM_VIEW, project=PROJECT)
 
 # The rows in Redis (None: a null value). User 99 and item 999 have no row; item 4 is older
 # than its view's one-hour TTL.

@@ -12,28 +12,24 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+from registries import make_registry, make_view
 
 from featurestore.decode import INVALID, NOT_FOUND, NULL_VALUE, OUTSIDE_MAX_AGE, PRESENT, decode
 from featurestore.inference.matrix import BatchMatrix, InputGroup, InputPlan, fill_missing, finish, gather
 from featurestore.inference.models import InputColumn, ModelSpec
 from featurestore.lookup import Lookup
-from featurestore.registry import JoinKey, Registry, ViewDef
+from featurestore.registry import JoinKey, ViewDef
 from featurestore.store.layout import DType, FeatureSpec, Layout, encode_rows
 
 NOW_US = 1_700_000_000_000_000
 FRESH_US = NOW_US - 10_000_000
 USER = JoinKey("user_id", DType.INT64)
 ITEM = JoinKey("item_id", DType.INT64)
-
-
-def make_view(name: str, key: JoinKey, ttl_s: float, *specs: FeatureSpec) -> ViewDef:
-    return ViewDef(name, (key,), ttl_s, Layout(name, specs), name, "event_timestamp", "", None)
 
 
 PROFILE = make_view(
@@ -57,10 +53,6 @@ ITEMS = make_view(
     FeatureSpec("weight", DType.FLOAT32),
     FeatureSpec("stock", DType.INT64),
 )
-
-
-def make_registry(*views: ViewDef, fingerprint: str = "fp-1") -> Registry:
-    return Registry("proj", MappingProxyType({v.name: v for v in views}), MappingProxyType({}), fingerprint)
 
 
 REGISTRY = make_registry(PROFILE, STATS, ITEMS)

@@ -14,30 +14,19 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from pathlib import Path
-from types import MappingProxyType
 
 import numpy as np
 import pytest
 from onnx import TensorProto, helper
 from prometheus_client import REGISTRY as PROMETHEUS
+from registries import float_features, int_key, make_registry, make_view
 
 from featurestore.errors import ConfigError
 from featurestore.inference.runtime import ModelRegistry
-from featurestore.registry import JoinKey, Registry, ViewDef
-from featurestore.store.layout import DType, FeatureSpec, Layout
 
 WIDTH = 3
-VIEW = ViewDef(
-    "item_stats",
-    (JoinKey("item_id", DType.INT64),),
-    0,
-    Layout("item_stats", tuple(FeatureSpec(f"f{k}", DType.FLOAT32) for k in range(WIDTH))),
-    "item_stats",
-    "event_timestamp",
-    "",
-    None,
-)
-REGISTRY = Registry("runtime", MappingProxyType({VIEW.name: VIEW}), MappingProxyType({}), "fp-1")
+VIEW = make_view("item_stats", int_key("item_id"), 0, *float_features(WIDTH))
+REGISTRY = make_registry(VIEW, project="runtime")
 POLL_S = 0.05
 WAIT_S = 10.0
 
