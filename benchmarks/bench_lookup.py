@@ -92,8 +92,9 @@ async def write_rows(redis_url: str, registry: Registry, count: int, chunk: int 
 
 
 @contextmanager
-def process(cmd: list[str], port: int) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(cmd, env={**os.environ, **ENV}, stderr=subprocess.DEVNULL)
+def process(cmd: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `cmd` (in `env`, default ours, plus the Feast variables) until it listens on `port`; stop it after."""
+    proc = subprocess.Popen(cmd, env={**(env or os.environ), **ENV}, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

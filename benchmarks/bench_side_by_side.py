@@ -1,20 +1,25 @@
-"""The server on uvloop (its default) against asyncio's own loop: lookups side by side.
+"""Two servers side by side on one Redis: this checkout against another, or uvloop against asyncio.
 
-    .venv/bin/python benchmarks/bench_event_loop.py [--rounds 6] [--calls 800]
+    .venv/bin/python benchmarks/bench_side_by_side.py --other-checkout ../before   # code A/B
+    .venv/bin/python benchmarks/bench_side_by_side.py --loop                       # event loops
 
 Two `featurestore serve` processes on one embedded Redis (bench_lookup's rows and flags):
-one as shipped (uvloop when installed), one started with uvloop hidden, so `run_worker`
-falls back to asyncio's loop. Sequential 1 x 50 and 100 x 50 lookups through the
+"this" (this checkout, as shipped: uvloop when installed) and either "other" (the same
+command with another checkout first on PYTHONPATH, e.g. a `git worktree` of an older
+commit) or "asyncio" (this checkout with uvloop hidden, so `run_worker` falls back to
+asyncio's loop). Sequential 1 x 50 and 100 x 50 lookups through this checkout's
 AsyncClient go to the two servers in alternating blocks of `--calls`, `--rounds` times,
-so load from elsewhere on the machine hits both alike. Prints the p50 of each block and
-the median over blocks; writes benchmarks/results/event-loop-<time>.json.
+so load from elsewhere on the machine hits both alike. Prints the median over blocks of
+each block's p50; writes benchmarks/results/side-by-side-<time>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,12 +43,18 @@ async def _block(client: AsyncClient, ents: dict[str, Any], calls: int) -> float
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    async with populated_store("loop", args.users) as (repo, registry, url):
-        ports = {"uvloop": free_port(), "asyncio": free_port()}
-        shipped = serve_command(repo, url, ports["uvloop"])
-        plain = [sys.executable, "-c", WITHOUT_UVLOOP, *serve_command(repo, url, ports["asyncio"])[3:]]
-        out: dict[str, Any] = {}
-        with process(shipped, ports["uvloop"]), process(plain, ports["asyncio"]):
+    other = "asyncio" if args.loop else "other"
+    async with populated_store("side-by-side", args.users) as (repo, registry, url):
+        ports = {"this": free_port(), other: free_port()}
+        this = serve_command(repo, url, ports["this"])
+        if args.loop:
+            second = [sys.executable, "-c", WITHOUT_UVLOOP, *serve_command(repo, url, ports[other])[3:]]
+            env = None
+        else:
+            second = serve_command(repo, url, ports[other])
+            env = {**os.environ, "PYTHONPATH": str(args.other_checkout.resolve())}
+        out: dict[str, Any] = {"other": "asyncio loop" if args.loop else str(args.other_checkout)}
+        with process(this, ports["this"]), process(second, ports[other], env=env):
             clients = {name: AsyncClient(f"127.0.0.1:{port}") for name, port in ports.items()}
             for client in clients.values():
                 await client.wait_until_serving(60)
@@ -58,8 +69,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 medians = {name: float(np.median(p50s)) for name, p50s in blocks.items()}
                 out[f"{n}x50"] = {"blocks_p50_ms": blocks, "median_p50_ms": medians}
                 print(
-                    f"{n} x 50: p50 uvloop {medians['uvloop']:.3f} ms, asyncio {medians['asyncio']:.3f} ms"
-                    f" (asyncio / uvloop {medians['asyncio'] / medians['uvloop']:.2f})"
+                    f"{n} x 50: p50 this {medians['this']:.3f} ms, {other} {medians[other]:.3f} ms"
+                    f" ({other} / this {medians[other] / medians['this']:.2f})"
                 )
             for client in clients.values():
                 await client.close()
@@ -72,9 +83,12 @@ def main() -> None:
     parser.add_argument("--entities", type=int, nargs="+", default=[1, 100])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--calls", type=int, default=800, help="sequential calls per block")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--other-checkout", type=Path, help="a checkout (e.g. a git worktree) to serve the other side")
+    which.add_argument("--loop", action="store_true", help="the other side: this checkout on asyncio's loop")
     args = parser.parse_args()
     results = run_on_uvloop(run(args))
-    print("wrote", write_results("event-loop", {"results": results}))
+    print("wrote", write_results("side-by-side", {"results": results}))
 
 
 if __name__ == "__main__":
