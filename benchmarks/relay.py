@@ -130,12 +130,13 @@ class Relay:
         self._accept_forever()
 
     def close(self) -> None:
-        """Stop accepting and cut every relayed connection (shutdown wakes blocked threads)."""
+        """Stop accepting and cut every relayed connection: shutdown wakes the threads
+        blocked on its sockets, which then close them."""
         self._closed = True
         for sock in [self.listener, *self._sockets]:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+        self.listener.close()
 
     def _accept_forever(self) -> None:
         _precise_timers()
@@ -239,7 +240,7 @@ class _Connection:
             pump(src, dst, row)  # type: ignore[operator]
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a socket closed under the pump
             for sock in self.sockets:  # wakes the other pump
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
