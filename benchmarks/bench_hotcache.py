@@ -3,7 +3,7 @@ with and without pre-warm, in the same run.
 
     .venv/bin/python benchmarks/bench_hotcache.py [--users 1000000] [--iterations 2000]
                                                   [--warm-s 180] [--cache-mib 256]
-                                                  [--law zipf|uniform]
+                                                  [--law zipf|uniform] [--redis-delay-ms 0.25]
 
 Starts an embedded Redis, writes `--users` rows of user_profile, user_activity and
 item_stats (as bench_lookup.py does), then two feature servers on the same Redis at the
@@ -25,6 +25,12 @@ the cached server's hit ratio, from its /metrics), then calls/s with 32 in fligh
 is restarted twice, with pre-warm (it reads the hot set the first one published) and with
 --warm-budget-s 0, and the first 1,000 lookup 100x50 calls after SERVING are timed
 against the steady p99 of the same shape.
+
+`--redis-delay-ms D` puts Redis behind benchmarks/relay.py, D ms each way (one zone: 0.25),
+a relay per server (the rows are written direct); the table then also gives, per mode,
+the share of sequential calls during which the server sent Redis nothing (its relay's
+counter, read around each call), the latencies of those calls and of the others, and
+the relay's CPU per call.
 """
 
 from __future__ import annotations
