@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/bench_relay.py [--iterations 3000] [--delay-ms 0.25]
 
-Starts an embedded Redis holding 300 rows of 160 bytes (a 100 x 50 lookup's MGET: 100
-entities x 3 views), a relay at delay 0 and one at `--delay-ms` (each its own process),
-and times PING and MGET of the 300 keys, sequential, in alternating blocks of 100 over
-the three ways to Redis (direct, relay 0, relay delay), with two clients:
+Starts an embedded Redis holding 3,000 rows of 160 bytes (MGET 300 is a 100 x 50
+lookup's: 100 entities x 3 views, a 50 kB reply; MGET 3000 a 1,000 x 50 one's, 500 kB),
+a relay at delay 0 and one at `--delay-ms` (each its own process), and times PING, MGET
+300 and MGET 3000 (a fifth of the iterations), sequential, in alternating blocks of 100
+over the three ways to Redis (direct, relay 0, relay delay), with two clients:
 
     socket    a blocking socket + hiredis parsing: the round trip alone
     pipe      the server's own RedisPipe (featurestore/store/pipe.py) on uvloop
@@ -37,7 +38,7 @@ from relay import relay_process
 from featurestore.embedded import EmbeddedRedis
 from featurestore.store.pipe import RedisPipe
 
-KEYS = [f"recsys:user_profile:{i:012d}".encode() for i in range(300)]
+KEYS = [f"recsys:user_profile:{i:012d}".encode() for i in range(3000)]
 BLOCK = 100
 
 
@@ -59,7 +60,7 @@ class SocketClient:
 
 
 async def measure(args: argparse.Namespace, ports: dict[str, int], cpu: dict[str, Callable[[], float]]) -> list[Any]:
-    commands = {"PING": (b"PING",), "MGET 300": (b"MGET", *KEYS)}
+    commands = {"PING": (b"PING",), "MGET 300": (b"MGET", *KEYS[:300]), "MGET 3000": (b"MGET", *KEYS)}
     sockets = {way: SocketClient(port) for way, port in ports.items()}
     pipes = {way: RedisPipe("127.0.0.1", port, timeout_s=5.0) for way, port in ports.items()}
     rows = []
@@ -72,7 +73,8 @@ async def measure(args: argparse.Namespace, ports: dict[str, int], cpu: dict[str
         samples: dict[tuple[str, str], list[int]] = {key: [] for key in calls}
         cpu_s = dict.fromkeys(calls, 0.0)
         order = list(calls)
-        for block in range(-2, args.iterations // BLOCK):  # two blocks of warm-up
+        iterations = args.iterations // 5 if command == "MGET 3000" else args.iterations
+        for block in range(-2, iterations // BLOCK):  # two blocks of warm-up
             for key in order if block % 2 else order[::-1]:
                 call, clock, timed = calls[key], time.perf_counter_ns, block >= 0
                 before = cpu[key[1]]()

@@ -26,7 +26,11 @@ Why it looks the way it does (measured on this 2-core VM, `bench_relay.py`):
   order and timing hold without a queue. A sleep still ends ~30 us late here (the
   wake-up), so the thread asks to wake that much earlier (a running mean of its own
   overshoot, at most `--spin-us`) and spins the last few us. Its CPU is mostly the two
-  wake-ups per chunk (arrival, due time): ~70 us a chunk on this VM.
+  wake-ups per chunk (arrival, due time): ~70 us a chunk on this VM. The bytes behind a
+  held chunk wait in the socket's receive buffer (autotuned up to tcp_rmem's 32 MB here,
+  so it does not stall the sender); a version that read them eagerly into a queue while
+  waiting (select with a timeout) cost more CPU per chunk and was no faster, even for a
+  3,000-key MGET (500 kB reply).
 - One thread per direction: a blocking send only holds back its own direction (what TCP
   does), never the replies of the other.
 - Counters (chunks and bytes each way, how late chunks left) live in a small shared file
