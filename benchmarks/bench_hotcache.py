@@ -3,7 +3,7 @@ with and without pre-warm, in the same run.
 
     .venv/bin/python benchmarks/bench_hotcache.py [--users 1000000] [--iterations 2000]
                                                   [--warm-s 180] [--cache-mib 256]
-                                                  [--law zipf|uniform]
+                                                  [--law zipf|uniform] [--redis-delay-ms 0.25]
 
 Starts an embedded Redis, writes `--users` rows of user_profile, user_activity and
 item_stats (as bench_lookup.py does), then two feature servers on the same Redis at the
@@ -25,6 +25,12 @@ the cached server's hit ratio, from its /metrics), then calls/s with 32 in fligh
 is restarted twice, with pre-warm (it reads the hot set the first one published) and with
 --warm-budget-s 0, and the first 1,000 lookup 100x50 calls after SERVING are timed
 against the steady p99 of the same shape.
+
+`--redis-delay-ms D` puts Redis behind benchmarks/relay.py, D ms each way (one zone: 0.25),
+a relay per server (the rows are written direct); the table then also gives, per mode,
+the share of sequential calls during which the server sent Redis nothing (its relay's
+counter, read around each call), the latencies of those calls and of the others, and
+the relay's CPU per call.
 """
 
 from __future__ import annotations
@@ -35,14 +41,15 @@ import gc
 import time
 import urllib.request
 from collections.abc import Awaitable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from bench_inference import write_models
 from bench_lookup import FEATURES, populated_store, process, serve_command
-from harness import Stats, print_table, run_on_uvloop, throughput, write_results
+from harness import Side, Stats, print_table, run_on_uvloop, side_by_side, throughput, write_results
+from relay import Hop, add_delay_option, redis_hop
 
 from featurestore import AsyncClient
 from featurestore.embedded import free_port
@@ -114,11 +121,14 @@ def rss_mib(pid: int) -> float:
 
 
 @contextmanager
-def server(repo: Path, url: str, *extra: str) -> Iterator[tuple[int, int, int]]:
-    port, metrics_port = free_port(), free_port()
-    cmd = serve_command(repo, url, port, "--metrics-port", str(metrics_port), *extra)
-    with process(cmd, port) as proc:
-        yield port, metrics_port, proc.pid
+def server(repo: Path, url: str, delay_ms: float, *extra: str) -> Iterator[tuple[int, int, int, Hop]]:
+    """A feature server reaching `url` through a relay of its own holding `delay_ms` each
+    way (none at 0): (port, metrics port, pid, the hop)."""
+    with redis_hop(url, delay_ms) as hop:
+        port, metrics_port = free_port(), free_port()  # once the relay holds its port
+        cmd = serve_command(repo, hop.url, port, "--metrics-port", str(metrics_port), *extra)
+        with process(cmd, port) as proc:
+            yield port, metrics_port, proc.pid, hop
 
 
 def counter(metrics: dict[str, float], name: str) -> float:
@@ -126,20 +136,15 @@ def counter(metrics: dict[str, float], name: str) -> float:
 
 
 async def sequential(
-    clients: dict[str, AsyncClient], shape: str, traffic: Traffic, iterations: int, block: int = 100
-) -> dict[str, Stats]:
-    """The same requests to every server, in alternating blocks; sequential latencies."""
-    samples: dict[str, list[int]] = {mode: [] for mode in clients}
-    order = list(clients)
-    for b in range(iterations // block):
-        requests = [traffic.request(shape) for _ in range(block)]
-        for mode in order if b % 2 else order[::-1]:
-            client = clients[mode]
-            for entities in requests:
-                start = time.perf_counter_ns()
-                await send(client, shape, entities)
-                samples[mode].append(time.perf_counter_ns() - start)
-    return {mode: Stats.of(f"{shape} {mode}", np.array(s)) for mode, s in samples.items()}
+    clients: dict[str, AsyncClient], shape: str, traffic: Traffic, iterations: int, hops: dict[str, Hop]
+) -> dict[str, Side]:
+    """The same requests to every server, in alternating blocks of 100; sequential
+    latencies, and behind a relay, the share of calls that made no Redis round trip."""
+    calls = {mode: (lambda entities, c=client: send(c, shape, entities)) for mode, client in clients.items()}
+    trips = {mode: hop.chunks_sent for mode, hop in hops.items() if hop.relay}
+    return await side_by_side(
+        calls, lambda: traffic.request(shape), iterations=iterations, warmup_blocks=0, trips=trips
+    )
 
 
 def caller(client: AsyncClient, shape: str, traffic: Traffic) -> Any:
@@ -148,7 +153,7 @@ def caller(client: AsyncClient, shape: str, traffic: Traffic) -> Any:
 
 
 async def measure(
-    servers: dict[str, tuple[int, int, int]], traffic: Traffic, args: argparse.Namespace
+    servers: dict[str, tuple[int, int, int, Hop]], traffic: Traffic, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Both servers side by side: warm-up, then per shape latency, hit ratio, calls/s."""
     out: dict[str, Any] = {mode: {} for mode in servers}
@@ -165,13 +170,20 @@ async def measure(
                 await throughput(caller(on, shape, traffic), in_flight=32, duration_s=5.0)
         for shape in SHAPES:  # sequential first: no load has run since the warm-up
             gc.collect()
-            before = scrape(mport)
-            stats = await sequential(clients, shape, traffic, args.iterations)
+            before, cpu_s = scrape(mport), {mode: s[3].cpu_s() for mode, s in servers.items()}
+            sides = await sequential(clients, shape, traffic, args.iterations, {m: s[3] for m, s in servers.items()})
             after = scrape(mport)
             hits = counter(after, "hits") - counter(before, "hits")
             misses = counter(after, "misses") - counter(before, "misses")
-            for mode in clients:
-                out[mode][shape] = {"stats": stats[mode]}
+            for mode, side in sides.items():
+                out[mode][shape] = {
+                    "stats": side.stats,
+                    "no_trip_share": side.no_trip_share,
+                    "no_trip": side.no_trip,
+                    "trip": side.trip,
+                }
+                relay_cpu_s = servers[mode][3].cpu_s() - cpu_s[mode]  # both relays ran all along
+                out[mode][shape]["relay_cpu_us_per_call"] = relay_cpu_s / side.stats.calls * 1e6
             out["cache_on"][shape]["hit_ratio"] = hits / max(hits + misses, 1)
         for shape in SHAPES:
             rates: dict[str, list[float]] = {mode: [] for mode in clients}
@@ -181,7 +193,7 @@ async def measure(
                     rates[mode].append(await throughput(call, in_flight=32, duration_s=2.0))
             for mode in clients:
                 out[mode][shape]["throughput_at_32"] = sum(rates[mode]) / len(rates[mode])
-    for mode, (_, metrics_port, pid) in servers.items():
+    for mode, (_, metrics_port, pid, _) in servers.items():
         out[mode]["metrics"] = scrape(metrics_port)
         out[mode]["rss_mib"] = rss_mib(pid)
     return out
@@ -210,17 +222,21 @@ async def run(args: argparse.Namespace) -> None:
         "zipf_s": ZIPF_S,
         "cache_mib": args.cache_mib,
         "warm_s": args.warm_s,
+        "redis_delay_ms": args.redis_delay_ms,
     }
     async with populated_store("hotcache", args.users, write_models) as (repo, _, url):
         publish = ("--hot-publish-s", "10")
-        with server(repo, url) as off, server(repo, url, "--cache-bytes", cache, *publish) as on:
+        delay = args.redis_delay_ms  # each server behind a relay of its own (none at 0)
+        with ExitStack() as stack:
+            off = stack.enter_context(server(repo, url, delay))
+            on = stack.enter_context(server(repo, url, delay, "--cache-bytes", cache, *publish))
             results.update(await measure({"cache_off": off, "cache_on": on}, traffic, args))
             await asyncio.sleep(11)  # one more publication of the hot set
         restart = [traffic.request("lookup 100x50") for _ in range(1000)]
-        with server(repo, url, "--cache-bytes", cache) as (port, mport, _):
+        with server(repo, url, delay, "--cache-bytes", cache) as (port, mport, _, _):
             results["restart_prewarm"] = await first_requests(port, restart)
             results["restart_prewarm"]["metrics"] = scrape(mport)
-        with server(repo, url, "--cache-bytes", cache, "--warm-budget-s", "0") as (port, _, _):
+        with server(repo, url, delay, "--cache-bytes", cache, "--warm-budget-s", "0") as (port, _, _, _):
             results["restart_cold"] = await first_requests(port, restart)
     report(results)
     print("wrote", write_results("hotcache", results))
@@ -231,6 +247,7 @@ def report(results: dict[str, Any]) -> None:
     for shape in SHAPES:
         off, on = results["cache_off"][shape], results["cache_on"][shape]
         for mode, r in (("off", off), ("on", on)):
+            no_trip, trip = r.get("no_trip"), r.get("trip")
             rows.append(
                 {
                     "name": f"{shape} cache {mode}",
@@ -238,6 +255,10 @@ def report(results: dict[str, Any]) -> None:
                     "p50 ms": r["stats"].p50_ms,
                     "p99 ms": r["stats"].p99_ms,
                     "calls/s @32": r["throughput_at_32"],
+                    "no trip": r.get("no_trip_share"),
+                    "no-trip p50/p99": f"{no_trip.p50_ms:.2f}/{no_trip.p99_ms:.2f}" if no_trip else None,
+                    "trip p50/p99": f"{trip.p50_ms:.2f}/{trip.p99_ms:.2f}" if trip else None,
+                    "relay cpu us/call": r["relay_cpu_us_per_call"] or None,
                 }
             )
         rows.append(
@@ -259,8 +280,18 @@ def report(results: dict[str, Any]) -> None:
                 "calls/s @32": r["first"].p99_ms / steady,
             }
         )
-    print_table(rows, ["name", "hit ratio", "p50 ms", "p99 ms", "calls/s @32"])
+    columns = ["name", "hit ratio", "p50 ms", "p99 ms", "calls/s @32"]
+    if results["redis_delay_ms"]:
+        columns += ["no trip", "no-trip p50/p99", "trip p50/p99", "relay cpu us/call"]
+    print_table(rows, columns)
     print("(off/on rows: ratios; restart rows: last column is p99 / steady p99 with the cache)")
+    if results["redis_delay_ms"]:
+        print(
+            f"Redis behind relay.py, {results['redis_delay_ms']} ms each way. no trip: the share of"
+            " sequential calls during which the server sent Redis nothing (its relay's counter)"
+        )
+    for line in targets(results):
+        print(line)
     for mode in ("cache_off", "cache_on"):
         m = results[mode]["metrics"]
         print(
@@ -277,6 +308,22 @@ def report(results: dict[str, Any]) -> None:
     )
 
 
+def targets(results: dict[str, Any]) -> list[str]:
+    """The issue's targets at a 0.25 ms one-way delay (Zipf 1.1): p50 and p99 >= 2x lower with
+    the cache for lookups 1 x 50 and 100 x 50 (hit ratio >= 0.9), Predict 1 x 100 p99 >= 1.5x."""
+    lines = []
+    for shape, p50_x, p99_x in (("lookup 1x50", 2.0, 2.0), ("lookup 100x50", 2.0, 2.0), ("predict 1x100", None, 1.5)):
+        off, on = results["cache_off"][shape]["stats"], results["cache_on"][shape]["stats"]
+        hit = results["cache_on"][shape]["hit_ratio"]
+        parts = [f"{shape}: off/on p50 {off.p50_ms / on.p50_ms:.2f}x", f"p99 {off.p99_ms / on.p99_ms:.2f}x"]
+        met = off.p99_ms / on.p99_ms >= p99_x and (p50_x is None or off.p50_ms / on.p50_ms >= p50_x)
+        if p50_x is not None:
+            met = met and hit >= 0.9
+        want = f"p50 and p99 >= {p50_x:g}x, hit ratio >= 0.9" if p50_x else f"p99 >= {p99_x:g}x"
+        lines.append(f"{', '.join(parts)}, hit ratio {hit:.3f} (target {want}): {'met' if met else 'missed'}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--users", type=int, default=1_000_000)
@@ -289,6 +336,7 @@ def main() -> None:
         default="zipf",
         help="uniform: traffic without hot keys (the cache's cost)",
     )
+    add_delay_option(parser)
     args = parser.parse_args()
     run_on_uvloop(run(args))
 

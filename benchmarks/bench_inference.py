@@ -1,6 +1,7 @@
 """Predict and Rank: latency, throughput, stage breakdown, three models, hot swap, quality.
 
     nice -n 10 .venv/bin/python benchmarks/bench_inference.py [--users 20000] [--iterations 1000]
+                                                              [--redis-delay-ms 0.25] [--cache-mib 256]
 
 Starts an embedded Redis, writes `--users` rows of user_profile, user_activity and
 item_stats (as bench_lookup does) and `--users` item embeddings, starts the feature server
@@ -28,6 +29,12 @@ Requests are drawn at random once (1,024 per kind), serialized, and cycled, so t
 client's cost per call is the gRPC call alone (the client shares the 2 cores with the
 server). Server-side stage breakdowns (LatencyBreakdown) are collected on every measured
 call; "fetch" is redis + decode. `--skip-quality` leaves out the PostgreSQL part.
+
+`--redis-delay-ms D` puts Redis behind benchmarks/relay.py (D ms each way, a relay per
+server; the rows are written direct). `--cache-mib M` starts a second server with the
+hot-key cache and measures Predict 1x100 (ranker) on both, the same requests in
+alternating blocks of 100, after one pass over the request pool on the cached server:
+every row of the pool's 1,024 requests is then cached (the cache's best case).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +58,8 @@ from grpc import aio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lookup import FEATURES, ROOT, applied_repo, populated_store, process, serve_command
-from harness import Stats, print_table, run_on_uvloop, write_results
+from harness import Stats, print_table, run_on_uvloop, side_by_side, write_results
+from relay import Hop, add_delay_option, redis_hop
 
 from featurestore import AsyncClient
 from featurestore._proto.featurestore.v1 import featurestore_pb2 as pb
@@ -256,8 +265,57 @@ async def hot_swap(call: Any, swap: Path, sources: list[Path], in_flight: int) -
     return rows
 
 
-async def measure(args: argparse.Namespace, port: int, repo: Path) -> list[dict[str, Any]]:
+async def cache_side_by_side(
+    args: argparse.Namespace, servers: dict[str, tuple[int, Hop]], rng: np.random.Generator
+) -> list[dict[str, Any]]:
+    """Predict 1x100 (ranker) on the servers without and with the cache, the same
+    requests in alternating blocks of 100, after one pass over the pool on both."""
+    pool = [
+        pb.PredictRequest(
+            model="ranker",
+            entities=[
+                pb.EntityColumn(name="user_id", int64_values=[int(rng.integers(args.users))]),
+                pb.EntityColumn(name="item_id", int64_values=rng.integers(0, args.users, 100).tolist()),
+            ],
+            request_values=[pb.RequestColumn(name="hour_of_day", int64_values=[20])],
+        ).SerializeToString()
+        for _ in range(POOL)
+    ]
+    async with (
+        aio.insecure_channel(f"127.0.0.1:{servers['cache_off'][0]}") as off,
+        aio.insecure_channel(f"127.0.0.1:{servers['cache_on'][0]}") as on,
+    ):
+        calls = {
+            mode: channel.unary_unary(
+                "/featurestore.v1.FeatureStore/Predict",
+                request_serializer=_identity,
+                response_deserializer=pb.PredictResponse.FromString,
+            )
+            for mode, channel in (("cache_off", off), ("cache_on", on))
+        }
+        for request in pool:  # every row of the pool is cached from here on
+            for call in calls.values():
+                await call(request)
+        next_request = cycle(lambda request: request, pool)
+        trips = {mode: hop.chunks_sent for mode, (_, hop) in servers.items() if hop.relay}
+        sides = await side_by_side(calls, next_request, iterations=args.iterations, trips=trips)
+    rows = []
+    for mode, side in sides.items():
+        row: dict[str, Any] = {
+            "name": f"predict 1x100 ranker, {mode.replace('_', ' ')}",
+            "calls": side.stats.calls,
+            "p50 ms": side.stats.p50_ms,
+            "p99 ms": side.stats.p99_ms,
+        }
+        if side.no_trip_share is not None:
+            row["no trip"] = side.no_trip_share
+        rows.append(row)
+    return rows
+
+
+async def measure(args: argparse.Namespace, servers: dict[str, tuple[int, Hop]], repo: Path) -> list[dict[str, Any]]:
     rng = np.random.default_rng(3)
+    port = servers["cache_off"][0]
     async with (
         aio.insecure_channel(f"127.0.0.1:{port}") as channel,
         AsyncClient(f"127.0.0.1:{port}") as client,
@@ -327,6 +385,8 @@ async def measure(args: argparse.Namespace, port: int, repo: Path) -> list[dict[
 
         n = args.iterations
         rows = [await sequential("lookup 100x50", lookup_call, n)]
+        if "cache_on" in servers:
+            rows += await cache_side_by_side(args, servers, rng)
         rows += await alternating(
             ("predict 1x100 ranker, default batching", "predict 1x100 ranker, batching off"),
             (predict("ranker"), predict("ranker_unbatched")),
@@ -379,11 +439,20 @@ def quality(samples: int) -> list[dict[str, Any]]:
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     async with populated_store("inference", args.users, write_models) as (repo, registry, url):
         await write_embeddings(url, registry, args.users)
-        port = free_port()
-        with process(serve_command(repo, url, port), port) as server:
+        modes = {"cache_off": ("--cache-bytes", "0")}
+        if args.cache_mib:
+            modes["cache_on"] = ("--cache-bytes", str(args.cache_mib << 20))
+        with ExitStack() as stack:
+            servers: dict[str, tuple[int, Hop]] = {}
+            pids = []
+            for mode, extra in modes.items():  # each behind a relay of its own (none at 0 ms)
+                hop = stack.enter_context(redis_hop(url, args.redis_delay_ms))
+                port = free_port()
+                pids.append(stack.enter_context(process(serve_command(repo, hop.url, port, *extra), port)).pid)
+                servers[mode] = (port, hop)
             global SERVER_PID
-            SERVER_PID = server.pid
-            return await measure(args, port, repo)
+            SERVER_PID = pids[0]
+            return await measure(args, servers, repo)
 
 
 def check_targets(rows: list[dict[str, Any]]) -> list[str]:
@@ -416,6 +485,14 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
         f" p99 {swapping['p99 ms']:.2f} ms vs steady {steady['p99 ms']:.2f} ms ="
         f" {swapping['p99 ms'] / steady['p99 ms']:.2f}x (target 0 errors, <= 2x)",
     ]
+    if "predict 1x100 ranker, cache on" in by:
+        off, on = by["predict 1x100 ranker, cache off"], by["predict 1x100 ranker, cache on"]
+        trips = f", {on['no trip']:.1%} of calls with the cache made no Redis round trip" if "no trip" in on else ""
+        lines.append(
+            f"predict 1x100 cache off / on, every row cached: p50 {off['p50 ms']:.2f} / {on['p50 ms']:.2f} ms ="
+            f" {off['p50 ms'] / on['p50 ms']:.2f}x, p99 {off['p99 ms']:.2f} / {on['p99 ms']:.2f} ms ="
+            f" {off['p99 ms'] / on['p99 ms']:.2f}x{trips} (at Zipf 1.1: bench_hotcache.py; target p99 >= 1.5x)"
+        )
     if "quality ranker_mlp" in by:
         q32, q8 = by["quality ranker_mlp"], by["quality ranker_mlp_int8"]
         lines.append(
@@ -432,6 +509,10 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=6.0, help="seconds per mode and load")
     parser.add_argument("--quality-samples", type=int, default=20_000)
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument(
+        "--cache-mib", type=int, default=0, help="also a server with this hot-key cache: Predict 1x100 side by side"
+    )
+    add_delay_option(parser)
     args = parser.parse_args()
     rows = run_on_uvloop(run(args))
     if not args.skip_quality:
@@ -450,6 +531,7 @@ def main() -> None:
             "fetch share p50/p99",
             "model share p50/p99",
             "mean batch calls",
+            "no trip",
         ],
     )
     print()

@@ -1,6 +1,7 @@
 """Lookup latency and throughput through gRPC, against floors measured in the same run.
 
     .venv/bin/python benchmarks/bench_lookup.py [--users 100000] [--iterations 2000]
+                                                [--redis-delay-ms 0.25] [--cache-mib 256]
 
 Starts an embedded Redis, writes `--users` rows of user_profile and user_activity and as
 many item_stats rows (encode_rows + guarded_write, as materialization does), starts the
@@ -12,6 +13,12 @@ as the lookup's response, and a redis.asyncio MGET of the same keys; floor = ech
 Beside them: the same echo on the classic threaded `grpc.server` (is it the faster
 server here?), and the lookup followed by `to_dict()` (the client turns every column into
 arrays; a plain lookup decodes a column on first access).
+
+`--redis-delay-ms D` puts Redis behind benchmarks/relay.py (D ms each way, a relay per
+server; the MGET floor goes through the first one; the rows are written direct).
+`--cache-mib M` starts a second server with the hot-key cache and measures the same
+lookups on both in alternating blocks of 100: every call repeats its size's entities, so
+after the first call every row is cached (the cache's best case: no Redis round trip).
 """
 
 from __future__ import annotations
@@ -24,14 +31,16 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
 from grpc import aio
-from harness import Stats, latency, print_table, run_on_uvloop, throughput, write_results
+from harness import Stats, latency, print_table, run_on_uvloop, side_by_side, throughput, write_results
+from relay import Hop, add_delay_option, redis_hop
 
 from featurestore import AsyncClient
 from featurestore.client.core import online_features_request
@@ -174,15 +183,16 @@ def mget_keys(registry: Registry, ents: dict[str, Any]) -> list[bytes]:
 async def measure_size(
     args: argparse.Namespace,
     registry: Registry,
-    server_port: int,
+    servers: dict[str, tuple[int, Hop]],
     echo_ports: tuple[int, int],
-    redis_url: str,
     n: int,
 ) -> dict[str, Any]:
-    """Lookup, echo floors (grpc.aio, threaded grpc.server) and MGET floor for `n` entities; sequential latencies."""
+    """Lookup, echo floors (grpc.aio, threaded grpc.server) and MGET floor for `n` entities;
+    sequential latencies; with a cached server, lookups on both servers side by side."""
     rng = np.random.default_rng(n)
     ents = entities(registry, n, args.users, rng)
     iterations = args.iterations if n <= 100 else max(args.iterations // 5, 200)
+    server_port, hop = servers["cache_off"]
     target = f"127.0.0.1:{server_port}"
     async with (
         AsyncClient(target) as client,
@@ -199,7 +209,7 @@ async def measure_size(
         echo = echo_channel.unary_unary("/bench.Echo/Echo")
         threaded_echo = threaded_channel.unary_unary("/bench.Echo/Echo")
         payload = sizes[1].to_bytes(8, "little") + bytes(max(sizes[0] - 8, 0))
-        redis = aioredis.Redis.from_url(redis_url)
+        redis = aioredis.Redis.from_url(hop.url)
         row_keys = mget_keys(registry, ents)
 
         async def lookup() -> Any:
@@ -217,22 +227,43 @@ async def measure_size(
         async def mget_call() -> Any:
             return await redis.mget(row_keys)
 
-        stats = {
-            "lookup": await latency(f"lookup {n}x50", lookup, iterations=iterations),
-            "lookup_to_dict": await latency(f"lookup {n}x50 + to_dict()", lookup_to_dict, iterations=iterations),
-            "echo": await latency(f"echo {sizes[1]} B", echo_call, iterations=iterations),
-            "threaded_echo": await latency(
-                f"echo {sizes[1]} B, threaded grpc.server", threaded_echo_call, iterations=iterations
-            ),
-            "mget": await latency(f"MGET {len(row_keys)} keys", mget_call, iterations=iterations),
-        }
+        if "cache_on" in servers:
+            sides = await lookups_side_by_side(servers, ents, iterations)
+            stats = {"lookup": sides["cache_off"].stats, "lookup_cache_on": sides["cache_on"].stats}
+        else:
+            stats = {"lookup": await latency(f"lookup {n}x50", lookup, iterations=iterations)}
+        stats["lookup_to_dict"] = await latency(f"lookup {n}x50 + to_dict()", lookup_to_dict, iterations=iterations)
+        stats["echo"] = await latency(f"echo {sizes[1]} B", echo_call, iterations=iterations)
+        stats["threaded_echo"] = await latency(
+            f"echo {sizes[1]} B, threaded grpc.server", threaded_echo_call, iterations=iterations
+        )
+        stats["mget"] = await latency(f"MGET {len(row_keys)} keys", mget_call, iterations=iterations)
         rates = {}
         if n == 100:
             for k in (8, 32, 64):
                 rates[f"lookup@{k}"] = await throughput(lookup, in_flight=k)
                 rates[f"echo@{k}"] = await throughput(echo_call, in_flight=k)
         await redis.aclose()
-    return {"entities": n, "request_bytes": sizes[0], "response_bytes": sizes[1], "stats": stats, "throughput": rates}
+    out = {"entities": n, "request_bytes": sizes[0], "response_bytes": sizes[1], "stats": stats, "throughput": rates}
+    if "cache_on" in servers:
+        out["no_trip_share"] = {mode: side.no_trip_share for mode, side in sides.items()}
+    return out
+
+
+async def lookups_side_by_side(servers: dict[str, tuple[int, Hop]], ents: dict[str, Any], iterations: int) -> Any:
+    """The same lookup on every server in alternating blocks of 100 (harness.side_by_side)."""
+    n = len(ents["user_id"])
+    async with (
+        AsyncClient(f"127.0.0.1:{servers['cache_off'][0]}") as off,
+        AsyncClient(f"127.0.0.1:{servers['cache_on'][0]}") as on,
+    ):
+        clients = {"cache_off": off, "cache_on": on}
+        calls = {mode: (lambda e, c=c: c.get_online_features(e, FEATURES)) for mode, c in clients.items()}
+        trips = {mode: hop.chunks_sent for mode, (_, hop) in servers.items() if hop.relay}
+        sides = await side_by_side(calls, lambda: ents, iterations=iterations, trips=trips)
+    return {
+        mode: replace(side, stats=replace(side.stats, name=f"lookup {n}x50 {mode}")) for mode, side in sides.items()
+    }
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -241,10 +272,18 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         s: dict[str, Stats] = r["stats"]
         floor_p50 = s["echo"].p50_ms + s["mget"].p50_ms
         floor_p99 = s["echo"].p99_ms + s["mget"].p99_ms
-        for key in ("lookup", "lookup_to_dict", "echo", "threaded_echo", "mget"):
+        for key in ("lookup", "lookup_cache_on", "lookup_to_dict", "echo", "threaded_echo", "mget"):
+            if key in s:
+                rows.append(
+                    {"name": s[key].name, "p50 ms": s[key].p50_ms, "p99 ms": s[key].p99_ms, "p99.9 ms": s[key].p999_ms}
+                )
+        if "lookup_cache_on" in s:
+            on, off = s["lookup_cache_on"], s["lookup"]
             rows.append(
-                {"name": s[key].name, "p50 ms": s[key].p50_ms, "p99 ms": s[key].p99_ms, "p99.9 ms": s[key].p999_ms}
+                {"name": "  cache off / on", "p50 ms": off.p50_ms / on.p50_ms, "p99 ms": off.p99_ms / on.p99_ms}
             )
+            if r["no_trip_share"]["cache_on"] is not None:
+                rows.append({"name": "  calls with no Redis trip, cache on", "p50 ms": r["no_trip_share"]["cache_on"]})
         rows.append({"name": f"  floor {r['entities']} (echo+MGET)", "p50 ms": floor_p50, "p99 ms": floor_p99})
         rows.append(
             {
@@ -264,24 +303,33 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 async def run(args: argparse.Namespace) -> None:
     async with populated_store("lookup", args.users) as (repo, registry, url):
-        port, echo_port, threaded_port = free_port(), free_port(), free_port()
-        echo = [sys.executable, str(Path(__file__).parent / "echo_server.py"), str(echo_port)]
-        threaded = [sys.executable, str(Path(__file__).parent / "echo_server.py"), str(threaded_port), "--threaded"]
-        with (
-            process(serve_command(repo, url, port), port),
-            process(echo, echo_port),
-            process(threaded, threaded_port),
-        ):
-            async with AsyncClient(f"127.0.0.1:{port}") as client:
-                await client.wait_until_serving(60)
-            ports = (echo_port, threaded_port)
-            results = [await measure_size(args, registry, port, ports, url, n) for n in args.entities]
+        modes = {"cache_off": ("--cache-bytes", "0")}
+        if args.cache_mib:
+            modes["cache_on"] = ("--cache-bytes", str(args.cache_mib << 20))
+        with ExitStack() as stack:
+            servers: dict[str, tuple[int, Hop]] = {}
+            for mode, extra in modes.items():  # each behind a relay of its own (none at 0 ms)
+                hop = stack.enter_context(redis_hop(url, args.redis_delay_ms))
+                port = free_port()
+                stack.enter_context(process(serve_command(repo, hop.url, port, *extra), port))
+                servers[mode] = (port, hop)
+            echo_ports = (free_port(), free_port())
+            echo = [sys.executable, str(Path(__file__).parent / "echo_server.py")]
+            stack.enter_context(process([*echo, str(echo_ports[0])], echo_ports[0]))
+            stack.enter_context(process([*echo, str(echo_ports[1]), "--threaded"], echo_ports[1]))
+            for port, _ in servers.values():
+                async with AsyncClient(f"127.0.0.1:{port}") as client:
+                    await client.wait_until_serving(60)
+            results = [await measure_size(args, registry, servers, echo_ports, n) for n in args.entities]
     rows = summarize(results)
     print_table(rows, ["name", "p50 ms", "p99 ms", "p99.9 ms"])
     for r in results:
         for name, rate in r["throughput"].items():
             print(f"throughput {r['entities']}x50 {name} in flight: {rate:.0f} calls/s")
-    print("wrote", write_results("lookup", {"results": results}))
+    if args.redis_delay_ms:
+        print(f"Redis behind relay.py, {args.redis_delay_ms} ms each way (the MGET floor too)")
+    config = {"redis_delay_ms": args.redis_delay_ms, "cache_mib": args.cache_mib}
+    print("wrote", write_results("lookup", {"config": config, "results": results}))
 
 
 def main() -> None:
@@ -289,6 +337,10 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--iterations", type=int, default=2000)
     parser.add_argument("--entities", type=int, nargs="+", default=[1, 100, 1000])
+    parser.add_argument(
+        "--cache-mib", type=int, default=0, help="also a server with this hot-key cache, side by side (0: none)"
+    )
+    add_delay_option(parser)
     args = parser.parse_args()
     run_on_uvloop(run(args))
 

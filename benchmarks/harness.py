@@ -26,7 +26,7 @@ import numpy as np
 
 T = TypeVar("T")
 
-__all__ = ["Stats", "latency", "print_table", "throughput", "write_results"]
+__all__ = ["Side", "Stats", "latency", "print_table", "side_by_side", "throughput", "write_results"]
 
 Call = Callable[[], Awaitable[Any]]
 
@@ -79,6 +79,69 @@ async def throughput(call: Call, *, in_flight: int, duration_s: float = 3.0) -> 
     return done / (time.perf_counter() - start)
 
 
+@dataclass(frozen=True)
+class Side:
+    """One mode of a side-by-side measurement: its latencies and, when a counter of Redis
+    round trips was given (a relay's chunks_sent), how many calls made none."""
+
+    stats: Stats
+    no_trip_share: float | None = None  # calls during which the counter did not move
+    no_trip: Stats | None = None  # the latencies of those calls
+    trip: Stats | None = None  # and of the others
+
+
+async def side_by_side(
+    calls: dict[str, Callable[[T], Awaitable[Any]]],
+    draw: Callable[[], T],
+    *,
+    iterations: int,
+    block: int = 100,
+    warmup_blocks: int = 2,
+    trips: dict[str, Callable[[], int]] | None = None,
+) -> dict[str, Side]:
+    """The same requests to every mode (`calls[mode](request)`), sequential, in blocks of
+    `block` drawn afresh by `draw()`, the modes' order reversed every other block: drift on
+    the machine hits them all alike. `trips[mode]()` is read around each call: a call
+    during which it did not move made no round trip to Redis.
+
+    Example:
+        sides = await side_by_side({"off": off.lookup, "on": on.lookup}, traffic.next, iterations=2000)
+    """
+    samples: dict[str, list[int]] = {mode: [] for mode in calls}
+    crossed: dict[str, list[bool]] = {mode: [] for mode in calls}
+    trips = trips or {}
+    order = list(calls)
+    clock = time.perf_counter_ns
+    gc.collect()
+    for b in range(-warmup_blocks, iterations // block):
+        requests = [draw() for _ in range(block)]
+        for mode in order if b % 2 else order[::-1]:
+            call, counter, timed = calls[mode], trips.get(mode), b >= 0
+            for request in requests:
+                before = counter() if counter else 0
+                start = clock()
+                await call(request)
+                elapsed = clock() - start
+                if timed:
+                    samples[mode].append(elapsed)
+                    if counter:
+                        crossed[mode].append(counter() != before)
+    out = {}
+    for mode, values in samples.items():
+        ns = np.array(values, dtype=np.int64)
+        side = Side(Stats.of(mode, ns))
+        if mode in trips:
+            went = np.array(crossed[mode])
+            side = Side(
+                side.stats,
+                float(1 - went.mean()),
+                Stats.of(f"{mode} no trip", ns[~went]) if (~went).any() else None,
+                Stats.of(f"{mode} trip", ns[went]) if went.any() else None,
+            )
+        out[mode] = side
+    return out
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     """Print dicts as an aligned text table."""
     cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
@@ -112,7 +175,7 @@ def write_results(name: str, results: dict[str, Any]) -> Path:
 
 
 def _json(value: Any) -> Any:
-    if isinstance(value, Stats):
+    if isinstance(value, Stats | Side):
         return asdict(value)
     raise TypeError(type(value))
 
