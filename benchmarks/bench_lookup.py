@@ -101,9 +101,13 @@ async def write_rows(redis_url: str, registry: Registry, count: int, chunk: int 
 
 
 @contextmanager
-def process(cmd: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """Run `cmd` (in `env`, default ours, plus the Feast variables) until it listens on `port`; stop it after."""
-    proc = subprocess.Popen(cmd, env={**(env or os.environ), **ENV}, stderr=subprocess.DEVNULL)
+def process(
+    cmd: list[str], port: int, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `cmd` (in `env`, default ours, plus the Feast variables; in `cwd`) until it
+    listens on `port`; stop it after. (`python -m` puts the working folder first on
+    sys.path, ahead of PYTHONPATH: a server of another checkout must run in it.)"""
+    proc = subprocess.Popen(cmd, env={**(env or os.environ), **ENV}, cwd=cwd, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

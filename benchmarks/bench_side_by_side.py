@@ -49,12 +49,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         this = serve_command(repo, url, ports["this"])
         if args.loop:
             second = [sys.executable, "-c", WITHOUT_UVLOOP, *serve_command(repo, url, ports[other])[3:]]
-            env = None
+            env, cwd = None, None
         else:
             second = serve_command(repo, url, ports[other])
             env = {**os.environ, "PYTHONPATH": str(args.other_checkout.resolve())}
+            cwd = args.other_checkout.resolve()  # `python -m` looks in the working folder first
         out: dict[str, Any] = {"other": "asyncio loop" if args.loop else str(args.other_checkout)}
-        with process(this, ports["this"]), process(second, ports[other], env=env):
+        with process(this, ports["this"]), process(second, ports[other], env=env, cwd=cwd):
             clients = {name: AsyncClient(f"127.0.0.1:{port}") for name, port in ports.items()}
             for client in clients.values():
                 await client.wait_until_serving(60)
