@@ -14,8 +14,9 @@ for the keys that existed; while most exist (a rerun, the daily cron), the scrip
 (`guarded_write`: `script_rows` rows per call). Each batch tells which case the next one
 is likely in. Views without variable-width features travel as a uint8 matrix of rows
 (`encode_fixed_rows`), which `store.bulk` packs into commands without a bytes object per
-row. Redis's CPU per row, the job's limit on two cores, fell from ~8 us to ~3 us for a
-first load (benchmarks/README.md, "bench_materialize.py").
+row. Redis's CPU per row of bench_wide (50 float8 features) fell from 5.5-7 us to 2.2-2.6
+us for a first load and from ~9 to ~5 us for a rerun (benchmarks/README.md,
+"bench_materialize.py").
 """
 
 from __future__ import annotations
