@@ -148,7 +148,11 @@ async def sink_alone_rate(redis_url: str, view: ViewDef, rows: int) -> float:
 
 
 def _postgres_cpu_s(pid: int) -> float:
-    """CPU seconds of the postmaster and the backends it reaped (which served the COPYs)."""
+    """CPU seconds of the postmaster and the backends it reaped (which served the COPYs).
+
+    A backend's CPU counts once the postmaster has reaped it, a moment after its client
+    disconnected: hence the pause first."""
+    time.sleep(0.3)
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(fields[i]) for i in (11, 12, 13, 14)) / os.sysconf("SC_CLK_TCK")
 
