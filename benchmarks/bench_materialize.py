@@ -18,9 +18,10 @@ user, 2% nulls) in an embedded PostgreSQL; then, on the same latest-row query:
                  reported apart), its peak RSS, and the CPU seconds per row of the job,
                  of PostgreSQL and of Redis over the run (2 cores: what bounds the rate)
 
-`--rounds N` (default 2) measures COPY plain and the two job runs N times in turn, so
-each round's ratio compares figures taken seconds apart; the table shows every round
-and the JSON the median ratio. Other work on the machine moves single figures a lot.
+`--rounds N` (default 3) measures COPY plain and the two job runs N times in turn, so
+each round's ratio compares figures taken seconds apart; the table shows every round,
+their median ratio, and the ratio of the best job to the best COPY (other work on the
+machine only slows a measure down, and moves single figures a lot).
 
 Prints a table and writes benchmarks/results/materialize-<UTC time>.json.
 """
@@ -276,6 +277,10 @@ async def measure(size: int, servers: Servers, repo: Path, rounds: int) -> dict[
     client.close()
     ratios = [m["job_into_empty_redis"]["rows_per_s"] / m["copy_plain"]["rows_per_s"] for m in measured]
     reruns = [m["job_over_existing_keys"]["rows_per_s"] / m["copy_plain"]["rows_per_s"] for m in measured]
+    # Other work on the machine only ever slows a measure down: the best of the rounds is
+    # each one's closest figure to a quiet machine, and their ratio a second estimate.
+    best_plain = max(m["copy_plain"]["rows_per_s"] for m in measured)
+    best_job = max(m["job_into_empty_redis"]["rows_per_s"] for m in measured)
     return {
         "rows": size,
         "features": 50,
@@ -286,6 +291,7 @@ async def measure(size: int, servers: Servers, repo: Path, rounds: int) -> dict[
         "rounds": measured,
         "ratio_job_to_copy_plain_per_round": ratios,
         "ratio_job_to_copy_plain": statistics.median(ratios),
+        "ratio_best_job_to_best_copy_plain": best_job / best_plain,
         "ratio_rerun_to_copy_plain": statistics.median(reruns),
     }
 
@@ -330,13 +336,14 @@ def print_table(results: list[dict[str, Any]]) -> None:
                     f" {job['peak_rss_mb']:>5.0f} MB"
                 )
         median, rerun = r["ratio_job_to_copy_plain"], r["ratio_rerun_to_copy_plain"]
-        print(f"{'':>9} median ratio job / COPY plain: {median:.2f} (rerun {rerun:.2f})")
+        best = r["ratio_best_job_to_best_copy_plain"]
+        print(f"{'':>9} job / COPY plain: median {median:.2f} (rerun {rerun:.2f}), best job / best COPY {best:.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="250000,1000000")
-    parser.add_argument("--rounds", type=int, default=2, help="COPY plain and the job, measured in turn this often")
+    parser.add_argument("--rounds", type=int, default=3, help="COPY plain and the job, measured in turn this often")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     results = []
