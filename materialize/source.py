@@ -380,6 +380,18 @@ def _safe(dsn: str) -> str:
     return f"{scheme}://{creds.split(':')[0]}@{tail}"
 
 
+# A server that goes away: the connection lost or refused, an administrator's shutdown,
+# or (a shutdown's FATAL message read between two operations, before the connection
+# closed) asyncpg's protocol left mid-error when the next statement starts.
+_GONE = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
+
 async def stream_window(
     conn: asyncpg.Connection,
     window: Window,
@@ -416,7 +428,7 @@ async def stream_window(
         ) from exc
     except asyncpg.UndefinedColumnError as exc:
         raise ConfigError(f"view {window.view.name!r}: its table lacks a column: {exc}") from exc
-    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+    except _GONE as exc:
         raise Unavailable(f"PostgreSQL failed during the read: {exc}") from exc
     last = parser.parse()
     if last is not None:
