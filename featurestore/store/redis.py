@@ -5,7 +5,10 @@ Reads are one MGET for every key a request needs, whatever the number of views, 
 a pipelined connection (store/pipe.py).
 Writes go through `GUARDED_SET`, a server-side script that compares event timestamps in
 the same round trip, so an older row never overwrites a newer one (a backfill can run at
-any time). Redis errors are translated here into `Unavailable`.
+any time); rows to keys that do not exist can go as native SET ... NX instead
+(`set_absent`), the same guard at a third of Redis's CPU. The materialization job sends
+both on a `BulkClient`'s `BulkPipe` (store/bulk.py). Redis errors are translated here
+into `Unavailable`.
 
 On a Redis Cluster (a redis+cluster:// URL, store/slots.py), `connect` returns a
 `ClusterClient`: redis-py's cluster client for the bookkeeping (every bookkeeping key
