@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import os
 import sys
@@ -225,6 +226,25 @@ def _secrets(args: argparse.Namespace | None) -> tuple[str, ...]:
     return (*passwords_in(redis, dsn), *filter(None, [os.environ.get("FEATURESTORE_PG_PASSWORD")]))
 
 
+def keep_big_buffers() -> None:
+    """Ask glibc to serve the job's large buffers from its heap and keep freed memory there.
+
+    By default glibc maps each allocation of 128 kB to 32 MB on its own and unmaps it when
+    freed; the job allocates and frees several such buffers per batch (COPY chunks joined,
+    packed rows, Redis commands), so each batch faulted its pages in afresh: on this
+    machine's VM, 40,000-80,000 page faults and ~0.3 s of the job's ~2.3 s of CPU per
+    million rows (perf stat). Process-wide, so only for the job's own process; a no-op
+    where the C library has no mallopt (not glibc).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    mallopt(m_mmap_threshold, 64 << 20)
+    mallopt(m_trim_threshold, 256 << 20)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (the module docstring lists them)."""
     try:
@@ -241,6 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.mode == "warm":
             print(asyncio.run(_warm(args)))
             return 0
+        keep_big_buffers()
         summary = asyncio.run(run(_settings(args)))
     except FeatureStoreError as exc:
         print_line(PROG, describe(exc), secrets)

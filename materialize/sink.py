@@ -2,11 +2,21 @@
 
 Reading, packing and writing overlap: the reader (PostgreSQL COPY -> numpy -> packed
 rows) puts packed batches on a bounded queue, and a few writer tasks each send one
-pipeline at a time (`store.redis.guarded_write`: `script_rows` rows per EVALSHA, the
-whole batch in one round trip). While a writer waits for Redis, the reader parses and
-the other writers send, so PostgreSQL, Python and Redis work at the same time. The
-queue's depth bounds memory: when Redis is slower than PostgreSQL, the reader waits on
-the queue, the COPY callback waits on the reader, and asyncpg stops reading the socket.
+pipeline at a time, the whole batch in one round trip. While a writer waits for Redis,
+the reader parses and the other writers send, so PostgreSQL, Python and Redis work at
+the same time. The queue's depth bounds memory: when Redis is slower than PostgreSQL,
+the reader waits on the queue, the COPY callback waits on the reader, and asyncpg stops
+reading the socket.
+
+A batch is written one of two ways, both the guarded write (store/redis.py): while most
+keys are new (a first load), `set_absent` (a native SET ... NX per row) and the script
+for the keys that existed; while most exist (a rerun, the daily cron), the script alone
+(`guarded_write`: `script_rows` rows per call). Each batch tells which case the next one
+is likely in. Views without variable-width features travel as a uint8 matrix of rows
+(`encode_fixed_rows`), which `store.bulk` packs into commands without a bytes object per
+row. Redis's CPU per row of bench_wide (50 float8 features) fell from 5.5-7 us to 2.2-2.6
+us for a first load and from ~9 to ~5 us for a rerun (benchmarks/README.md,
+"bench_materialize.py").
 """
 
 from __future__ import annotations
@@ -14,21 +24,23 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import hiredis
 import numpy as np
 import numpy.typing as npt
-import redis.asyncio as aioredis
-from redis.asyncio.connection import Connection
 
 from featurestore.errors import FeatureStoreError
 from featurestore.registry import ViewDef
 from featurestore.store.keys import entity_tokens, row_keys
-from featurestore.store.layout import DType, encode_rows
-from featurestore.store.redis import Client, guarded_write
-from featurestore.store.redis import connect as connect_any
-from featurestore.store.slots import is_cluster_url
+from featurestore.store.layout import DType, encode_fixed_rows, encode_rows
+from featurestore.store.redis import (
+    BulkClient,
+    Client,
+    Rows,
+    WriteCounts,
+    connect_bulk,
+    guarded_write,
+    set_absent,
+)
 from materialize.source import RowBatch
 
 __all__ = [
@@ -41,7 +53,8 @@ __all__ = [
     "write_through",
 ]
 
-Packed = tuple[list[bytes], list[bytes]]  # (row keys, packed rows), in the same order
+# Row keys, packed rows, and each row's expiry in Unix milliseconds (None: no expiry).
+Packed = tuple[list[bytes], Rows, "npt.NDArray[np.int64] | None"]
 Producer = Callable[[Callable[[RowBatch], Awaitable[None]]], Awaitable[None]]
 
 
@@ -110,41 +123,16 @@ class SinkOptions:
     expiry_grace_s: float = 86_400.0
 
 
-class _HiredisPackedConnection(Connection):
-    """redis-py's asyncio connection, packing commands with hiredis's C packer.
-
-    redis-py packs asyncio commands in Python, argument by argument; for the guarded
-    write's thousands of arguments per call that was the job's largest cost (1.4 us per
-    row against 0.6 with hiredis, measured on 1,000-row batches).
-    """
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        if isinstance(args[0], str) and " " in args[0]:  # "SCRIPT LOAD": two words
-            args = (*args[0].split(), *args[1:])
-        return [hiredis.pack_command(args)]
-
-
 def connect(url: str, *, timeout_s: float = 10.0, max_connections: int = 8) -> Client:
-    """A Redis client for the job: bytes replies, hiredis packing, no health checks.
+    """The job's Redis client (`store.redis.connect_bulk`): a `BulkClient` for one Redis,
+    whose rows go on its `BulkPipe`, or a `ClusterClient` for redis+cluster://.
 
     Parameters:
-        url: redis://host:port/db, or redis+cluster://host:port,... for a cluster (a
-            `store.redis.ClusterClient`, whose rows go one script call per slot through
-            its hiredis `ClusterPipe`).
-        timeout_s: socket connect and read timeout, seconds; a pipeline of a few
-            thousand script calls must fit in it.
-        max_connections: at least the number of writers, plus one for bookkeeping.
+        timeout_s: socket connect and reply timeout; a pipeline of a few thousand script
+            calls must fit in it.
+        max_connections: redis-py's pool, for the bookkeeping (lock, watermarks, events).
     """
-    if is_cluster_url(url):
-        return connect_any(url, timeout_s=timeout_s, max_connections=max_connections)
-    pool = aioredis.ConnectionPool.from_url(
-        url,
-        connection_class=_HiredisPackedConnection,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        max_connections=max_connections,
-    )
-    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
+    return connect_bulk(url, timeout_s=timeout_s, max_connections=max_connections)
 
 
 def expiry_ms(view: ViewDef, grace_s: float) -> int:
@@ -158,16 +146,57 @@ def expiry_ms(view: ViewDef, grace_s: float) -> int:
     return round((view.ttl_s + grace_s) * 1000)
 
 
-def pack(project: str, view: ViewDef, batch: RowBatch) -> Packed:
-    """The Redis keys and packed rows of a batch (vectorised; see `encode_rows`)."""
+def pack(project: str, view: ViewDef, batch: RowBatch, expiry: int = 0) -> Packed:
+    """The Redis keys and packed rows of a batch (vectorised; a uint8 matrix for a view
+    without variable-width features, see `encode_fixed_rows`), and each row's expiry in
+    Unix milliseconds (event time + `expiry`, as the guard computes it; None when
+    `expiry` is 0: no expiry)."""
     keys = row_keys(project, view.name, entity_tokens(batch.keys))
-    rows = encode_rows(view.layout, batch.event_ts_us, batch.columns, batch.nulls)
-    return keys, rows
+    layout = view.layout
+    encode = encode_rows if layout.var_features else encode_fixed_rows
+    rows = encode(layout, batch.event_ts_us, batch.columns, batch.nulls)
+    expire_at = batch.event_ts_us // 1000 + expiry if expiry else None
+    return keys, rows, expire_at
 
 
-def _split(packed: Packed, size: int) -> list[tuple[Sequence[bytes], Sequence[bytes]]]:
-    keys, rows = packed
+def _split(keys: Sequence[bytes], rows: Rows, size: int) -> list[tuple[Sequence[bytes], Rows]]:
     return [(keys[i : i + size], rows[i : i + size]) for i in range(0, len(keys), size)]
+
+
+class _Writes:
+    """The writers' shared way of writing: new keys by SET NX first, or the script alone.
+
+    A first load finds no key and a rerun finds them all; a batch tells which case the
+    next one is likely in (most of its keys new or not), so each batch pays for at most
+    the wrong guess of its predecessor.
+    """
+
+    def __init__(self, client: Client, expiry: int, options: SinkOptions) -> None:
+        self.client = client
+        self.expiry = expiry
+        self.options = options
+        self.sha: list[str] = []  # the guarded-write script's SHA1
+        self.new_keys = isinstance(client, BulkClient)  # SET NX needs the BulkPipe
+
+    async def write(self, packed: Packed) -> WriteCounts:
+        keys, rows, expire_at = packed
+        if not self.new_keys:
+            done = await guarded_write(self.client, _split(keys, rows, self.options.script_rows), self.expiry, self.sha)
+        else:
+            assert isinstance(self.client, BulkClient)
+            existed = await set_absent(self.client, keys, rows, expire_at)
+            done = WriteCounts(written=len(keys) - len(existed), existed=len(existed))
+            if existed:
+                rest_keys = [keys[i] for i in existed]
+                rest_rows = rows[existed] if isinstance(rows, np.ndarray) else [rows[i] for i in existed]
+                rest = await guarded_write(
+                    self.client, _split(rest_keys, rest_rows, self.options.script_rows), self.expiry, self.sha
+                )
+                done.written += rest.written
+                done.skipped += rest.skipped
+        if isinstance(self.client, BulkClient):
+            self.new_keys = done.existed * 2 < len(keys)
+        return done
 
 
 async def write_through(
@@ -193,15 +222,15 @@ async def write_through(
     counts = Counts()
     queue: asyncio.Queue[Packed | None] = asyncio.Queue(maxsize=options.queue_depth)
     expiry = expiry_ms(view, options.expiry_grace_s)
-    sha: list[str] = []  # the guarded-write script's SHA, shared by the writers
+    writes = _Writes(client, expiry, options)
 
     async def on_batch(batch: RowBatch) -> None:
         counts.read += len(batch)
-        await queue.put(pack(project, view, batch))
+        await queue.put(pack(project, view, batch, expiry))
 
     async def writer() -> None:
         while (item := await queue.get()) is not None:
-            done = await guarded_write(client, _split(item, options.script_rows), expiry, sha)
+            done = await writes.write(item)
             counts.written += done.written
             counts.skipped += done.skipped
             if on_progress is not None:

@@ -196,11 +196,21 @@ class SourceQuery:
     def _mask_columns(self) -> list[str]:
         words = []
         for w in range(self.mask_words):
-            terms = []
+            scalars: list[tuple[str, str]] = []  # (column, its mask term)
+            lists: list[tuple[str, str]] = []
             for bit, spec in enumerate(self.fixed[w * _MASK_BITS : (w + 1) * _MASK_BITS]):
                 col = f"t.{_ident(spec.name)}"
                 null = f"NOT {_list_ok(col, spec)}" if spec.length else f"{col} IS NULL"
-                terms.append(f"(CASE WHEN {null} THEN {1 << bit} ELSE 0 END)")
+                (lists if spec.length else scalars).append((col, f"(CASE WHEN {null} THEN {1 << bit} ELSE 0 END)"))
+            terms = [term for _, term in lists]
+            if len(scalars) > 2:
+                # One num_nulls call settles a row without nulls: the OR chain costs a
+                # function call per feature (PostgreSQL's CPU per row, the job's floor).
+                columns = ", ".join(col for col, _ in scalars)
+                chain = " | ".join(term for _, term in scalars)
+                terms.append(f"(CASE WHEN num_nulls({columns}) = 0 THEN 0 ELSE ({chain}) END)")
+            else:
+                terms += [term for _, term in scalars]
             words.append("(" + " | ".join(terms) + ")::int8")
         return words
 
@@ -370,6 +380,18 @@ def _safe(dsn: str) -> str:
     return f"{scheme}://{creds.split(':')[0]}@{tail}"
 
 
+# A server that goes away: the connection lost or refused, an administrator's shutdown,
+# or (a shutdown's FATAL message read between two operations, before the connection
+# closed) asyncpg's protocol left mid-error when the next statement starts.
+_GONE = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
+
 async def stream_window(
     conn: asyncpg.Connection,
     window: Window,
@@ -406,7 +428,7 @@ async def stream_window(
         ) from exc
     except asyncpg.UndefinedColumnError as exc:
         raise ConfigError(f"view {window.view.name!r}: its table lacks a column: {exc}") from exc
-    except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+    except _GONE as exc:
         raise Unavailable(f"PostgreSQL failed during the read: {exc}") from exc
     last = parser.parse()
     if last is not None:
