@@ -1,5 +1,6 @@
 """Where a lookup's server time goes: py-spy on the server under a sequential load.
 
+    .venv/bin/pip install py-spy        # once: the sampling profiler, not a dependency of the package
     .venv/bin/python benchmarks/profile_lookup.py [--entities 1 100] [--seconds 15]
 
 Starts an embedded Redis with bench_lookup's rows and `featurestore serve` (no cache, as
